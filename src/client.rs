@@ -28,6 +28,9 @@ use tungstenite::http::HeaderValue;
 use tungstenite::protocol::WebSocket;
 use tungstenite::Message;
 
+/// HTTP header pairs, in the order received.
+pub type Headers = Vec<(String, String)>;
+
 /// The subprotocol every client offers and the relay answers (§3.3).
 pub const SUBPROTOCOL: &str = "switchboard.v1";
 
@@ -394,7 +397,7 @@ fn parse_server_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
 fn upgrade(
     addr: SocketAddr,
     request: tungstenite::handshake::client::Request,
-) -> Result<(WebSocket<TcpStream>, Vec<(String, String)>), ConnectError> {
+) -> Result<(WebSocket<TcpStream>, Headers), ConnectError> {
     let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
@@ -853,7 +856,7 @@ pub fn raw_http(addr: SocketAddr, request: &[u8]) -> Result<RawResponse, RawHttp
 pub fn read_http_response(s: &mut TcpStream, timeout: Duration) -> Result<RawResponse, RawHttpError> {
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::new();
-    let mut head: Option<(u16, Vec<(String, String)>, usize)> = None;
+    let mut head: Option<(u16, Headers, usize)> = None;
     loop {
         if head.is_none() {
             let mut hs = [httparse::EMPTY_HEADER; 64];
