@@ -63,20 +63,20 @@ fn random_traffic_among_fifty_users_on_four_shards_is_exact_and_isolated() {
         acks: 0,
         sent: 0,
     };
-    for u in 0..USERS {
+    for (u, mine) in agents_of.iter_mut().enumerate() {
         for k in 0..AGENTS {
             let cred = d.hmac_agent(&format!("user-{u}"), &format!("agent-{k}"));
             let a = d.agent(&cred);
-            agents_of[u].push(nodes.len());
+            mine.push(nodes.len());
             nodes.push(node(u, cred.agent_id().to_string(), Conn2::Agent(a)));
         }
     }
     let exp = switchboard::client::unix_now() + 3600;
-    for u in 0..USERS {
+    for (u, mine) in clients_of.iter_mut().enumerate() {
         for _ in 0..CLIENTS {
             let t = mint(&secret, &json!({"sub": format!("user-{u}"), "exp": exp}));
             let c = ClientConn::connect(d.addr, &t, TokenPlace::Header, None).unwrap();
-            clients_of[u].push(nodes.len());
+            mine.push(nodes.len());
             nodes.push(node(u, c.session.clone(), Conn2::Client(c)));
         }
     }
