@@ -493,6 +493,8 @@ pub struct AgentConn {
     pub conn: String,
     /// The nonce this upgrade used.
     pub nonce: String,
+    /// The `X-Switchboard-Signature` this upgrade sent (tests search logs for it).
+    pub upgrade_signature: String,
     /// The last `ctr` this client signed and sent with [`AgentConn::send`].
     last_ctr: u64,
 }
@@ -560,7 +562,15 @@ impl AgentConn {
         let mut ws = Ws { ws, response_headers, closed: false };
         let welcome = read_welcome(&mut ws)?;
         let conn = welcome.str("conn").to_string();
-        Ok(AgentConn { ws, cred: cred.clone(), welcome, conn, nonce, last_ctr: 0 })
+        Ok(AgentConn {
+            ws,
+            cred: cred.clone(),
+            welcome,
+            conn,
+            nonce,
+            upgrade_signature: signature,
+            last_ctr: 0,
+        })
     }
 
     /// The last counter value signed by [`AgentConn::send`].

@@ -283,6 +283,7 @@ fn sustained_rate_abuse_closes_the_offending_connection_with_4029() {
     assert!(start.elapsed() >= Duration::from_millis(1900), "closed after {:?}", start.elapsed());
     // Only the offending connection goes.
     assert_pong(&mut quiet);
+    ag.ws.ping().unwrap();
     let f = next_skipping(&mut ag, &["message", "session"], WAIT);
     assert_eq!(f.ty(), "pong", "{}", f.text);
 }

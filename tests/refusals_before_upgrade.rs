@@ -252,22 +252,26 @@ fn credentials_never_appear_in_responses_or_logs() {
     secrets.push(String::from_utf8(d.jwt_secret()).unwrap());
     let mut bodies = Vec::new();
 
-    // A good agent upgrade and a few bad ones.
+    // A good agent upgrade and a few bad ones, each with a real signature to look for.
     let mut agent = d.agent(&cred);
-    for o in [
-        UpgradeOverrides { signature: Some("A".repeat(43)), ..Default::default() },
-        UpgradeOverrides { timestamp: Some("12".into()), ..Default::default() },
-        UpgradeOverrides { nonce: Some(agent.nonce.clone()), ..Default::default() },
-    ] {
+    secrets.push(agent.upgrade_signature.clone());
+    let ts = unix_now().to_string();
+    let sign =
+        |ts: &str, nonce: &str| cred.sign(&switchboard::client::upgrade_signed_string(&agent_id, ts, nonce));
+    for (ts, nonce) in [("12".to_string(), "stale-timestamp-nonce-1"), (ts.clone(), agent.nonce.as_str())] {
+        let sig = sign(&ts, nonce);
+        let o = UpgradeOverrides {
+            timestamp: Some(ts.clone()),
+            nonce: Some(nonce.to_string()),
+            signature: Some(sig.clone()),
+            ..Default::default()
+        };
         let e = AgentConn::connect_with(d.addr, &cred, &o).err().expect("refused");
         bodies.push(e.to_string());
+        secrets.push(sig);
     }
-    let sig = cred.sign(&switchboard::client::upgrade_signed_string(
-        &agent_id,
-        &unix_now().to_string(),
-        "n0n0n0n0n0n0n0n0n0",
-    ));
-    secrets.push(sig);
+    let wrong = UpgradeOverrides { signature: Some("A".repeat(43)), ..Default::default() };
+    bodies.push(AgentConn::connect_with(d.addr, &cred, &wrong).err().expect("refused").to_string());
     // Signed messages carry sigs too.
     let mut client = d.client(&token, None);
     agent.send(Some(&client.session), &json!({"hello": 1}), Some("m1")).unwrap();

@@ -102,8 +102,7 @@ fn agent_messages_reach_the_addressed_session_or_every_reachable_one() {
 
     ag.send(Some(&c1.session), &json!({"to": "c1"}), Some("m1")).unwrap();
     expect_ack(&mut ag, "m1");
-    let f = expect_type(&mut c1, "message");
-    assert_eq!(f.value, json!({"type": "message", "from": a.agent_id(), "data": {"to": "c1"}}), "{}", f.text);
+    expect_msg(&mut c1, a.agent_id(), &json!({"to": "c1"}));
 
     ag.send(None, &json!(["all"]), Some("m2")).unwrap();
     expect_ack(&mut ag, "m2");
@@ -136,8 +135,7 @@ fn client_messages_reach_the_named_or_bound_agent() {
 
     c.send(Some(a.agent_id()), &json!({"q": 1}), Some("c1")).unwrap();
     expect_ack(&mut c, "c1");
-    let f = expect_type(&mut ag, "message");
-    assert_eq!(f.value, json!({"type": "message", "from": c.session, "data": {"q": 1}}), "{}", f.text);
+    expect_msg(&mut ag, &c.session, &json!({"q": 1}));
     c.send(Some(b.agent_id()), &json!({"q": 2}), None).unwrap();
     expect_msg(&mut bg, &c.session, &json!({"q": 2}));
 
