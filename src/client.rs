@@ -944,6 +944,23 @@ mod tests {
     }
 
     #[test]
+    fn ed25519_matches_rfc8032_test_1() {
+        let seed: Vec<u8> = (0..32)
+            .map(|i| {
+                u8::from_str_radix(
+                    &"9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"[2 * i..2 * i + 2],
+                    16,
+                )
+                .unwrap()
+            })
+            .collect();
+        let kp = Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+        let cred = AgentCredential::Ed25519 { agent_id: "x".into(), keypair: Arc::new(kp) };
+        let hex: String = cred.sign_bytes(b"").iter().map(|b| format!("{b:02x}")).collect();
+        assert!(hex.starts_with("e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"), "{hex}");
+    }
+
+    #[test]
     fn nonces_fit_the_spec_alphabet() {
         let n = new_nonce();
         assert!((16..=64).contains(&n.len()));
@@ -955,6 +972,56 @@ mod tests {
         let text = r#"{"type":"message","from":"a","data":{ "x" : [1, 2.50] }}"#;
         let f = Frame { text: text.into(), value: serde_json::from_str(text).unwrap() };
         assert_eq!(f.raw_data().unwrap(), r#"{ "x" : [1, 2.50] }"#);
+    }
+
+    fn listener() -> (std::net::TcpListener, SocketAddr) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        (l, a)
+    }
+
+    #[test]
+    fn a_refusal_carries_status_headers_and_the_whole_body() {
+        let (l, addr) = listener();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            s.write_all(b"HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\nContent-Length: 28\r\n\r\n{\"error\":")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            s.write_all(b"\"upgrade_required\"}").unwrap();
+        });
+        let cred = AgentCredential::Hmac { agent_id: "a".into(), secret: "sbk_x".into() };
+        let e = AgentConn::connect(addr, &cred).err().unwrap();
+        assert_eq!(e.status(), Some(426));
+        assert_eq!(e.header("sec-websocket-version"), Some("13"));
+        assert_eq!(e.body_json(), Some(serde_json::json!({"error": "upgrade_required"})));
+    }
+
+    #[test]
+    fn pings_are_answered_and_the_close_code_is_reported() {
+        let (l, addr) = listener();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut ws = tungstenite::accept(s).unwrap();
+            ws.send(Message::text(r#"{"type":"welcome","session":"s1","user":"u","agents":[]}"#)).unwrap();
+            ws.send(Message::Ping(vec![1].into())).unwrap();
+            let got = ws.read().unwrap();
+            ws.send(Message::Close(Some(tungstenite::protocol::CloseFrame {
+                code: 4009u16.into(),
+                reason: "replaced".into(),
+            })))
+            .unwrap();
+            got
+        });
+        let mut c = ClientConn::connect(addr, "tok", TokenPlace::Query, Some("a1")).unwrap();
+        assert_eq!(c.session, "s1");
+        match c.recv(Duration::from_secs(5)) {
+            Event::Close { code, reason } => assert_eq!((code, reason.as_str()), (4009, "replaced")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(server.join().unwrap(), Message::Pong(_)));
     }
 
     #[test]
