@@ -411,3 +411,78 @@ fn newer_schema_is_refused() {
     let err = Store::open(t.path(), 0).unwrap_err();
     assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
 }
+
+/// Runs only when re-executed by `cli_in_another_process_while_daemon_runs`: plays the CLI.
+#[test]
+#[ignore = "helper for a multi-process test"]
+fn child_process_helper() {
+    let Ok(dir) = std::env::var("SB_TEST_CHILD_DIR") else { return };
+    let store = Store::open(Path::new(&dir), 0).unwrap();
+    println!("MAPSIZE={}", store.inner.env.info().map_size);
+    let revoke = std::env::var("SB_TEST_CHILD_REVOKE").unwrap();
+    assert_eq!(store.revoke_agent(&revoke).unwrap(), RevokeOutcome::Revoked);
+    let (rec, _) = hmac(&store, "alice", "from-child");
+    println!("CREATED={}", rec.agent_id);
+}
+
+#[test]
+fn cli_in_another_process_while_daemon_runs() {
+    let t = tmp();
+    let store = Store::open(t.path(), 48).unwrap();
+    let _lock = DataDirLock::acquire(t.path()).unwrap();
+    let (a, _) = hmac(&store, "alice", "a");
+    let writer = spawn_writer(store.clone());
+    writer.send(WriteOp::AgentConnected { agent_id: a.agent_id.clone(), at: 1 });
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx = Mutex::new(tx);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = spawn_revocation_watcher(
+        store.clone(),
+        Duration::from_millis(50),
+        move |rec| tx.lock().unwrap().send(rec.agent_id.clone()).unwrap(),
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "store::tests::child_process_helper",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SB_TEST_CHILD_DIR", t.path())
+        .env("SB_TEST_CHILD_REVOKE", &a.agent_id)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let returned = Instant::now();
+    // The child adopted the daemon's map size.
+    assert!(stdout.contains(&format!("MAPSIZE={}", 48 * 1024 * 1024)), "{stdout}");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(2)).unwrap(), a.agent_id);
+    assert!(returned.elapsed() < Duration::from_secs(2));
+    let created = stdout.lines().find_map(|l| l.strip_prefix("CREATED=")).expect("child printed the id");
+    assert_eq!(store.get_agent(created).unwrap().unwrap().name, "from-child");
+    // The daemon's statistics writer keeps working after the other process's commits.
+    writer.send(WriteOp::AgentDisconnected { agent_id: a.agent_id.clone(), at: 2 });
+    assert!(writer.flush());
+    let r = store.get_agent(&a.agent_id).unwrap().unwrap();
+    assert!(r.revoked);
+    assert_eq!((r.last_connected, r.last_disconnected), (Some(1), Some(2)));
+    stop.store(true, Ordering::Release);
+    watcher.join().unwrap();
+    writer.shutdown();
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+    send_sync::<Store>();
+    send_sync::<WriterHandle>();
+    send_sync::<AgentRecord>();
+    fn send<T: Send>() {}
+    send::<DataDirLock>();
+    send::<StoreError>();
+}
