@@ -1,1 +1,2 @@
-//! TODO
+//! PLACEHOLDER from the wt-store branch so `cli` compiles; the real auth module replaces it.
+pub mod jwt;
