@@ -76,6 +76,16 @@ fn agent(c: &mut Criterion) {
         })
     });
 
+    // The floor: ring's one-shot HMAC verify over the same signed string, already contiguous.
+    let mut contiguous = format!("switchboard-msg-v1\n{CONN}\n1234567\n{SESSION}\n").into_bytes();
+    contiguous.extend_from_slice(&data);
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&sig_h).unwrap();
+    let ring_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    assert!(ring::hmac::verify(&ring_key, &contiguous, &tag).is_ok());
+    c.bench_function("baseline/ring_hmac_verify/same_message", |b| {
+        b.iter(|| ring::hmac::verify(black_box(&ring_key), black_box(&contiguous), black_box(&tag)))
+    });
+
     let pk8 = sig::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
     let kp = sig::Ed25519KeyPair::from_pkcs8(pk8.as_ref()).unwrap();
     let ed = AgentKey::ed25519(kp.public_key().as_ref().try_into().unwrap());
