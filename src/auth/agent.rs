@@ -11,7 +11,7 @@
 //! - [`verify_upgrade`] and [`verify_message`] allocate nothing: signatures decode into stack
 //!   arrays, the upgrade string is built on the stack, HMAC messages are fed incrementally,
 //!   and Ed25519 messages are built in the caller's reused scratch `Vec`.
-//! - Comparisons are constant time: ring's `hmac::verify`/Ed25519 verify, and [`ct_eq`] for
+//! - Comparisons are constant time: ring's `hmac::verify`/Ed25519 verify, and `ct_eq` for
 //!   the incremental HMAC tag.
 //! - The signed strings are byte-exact what the spec says; a known-answer test computed
 //!   outside this code pins them.
@@ -41,6 +41,8 @@ pub const MAX_NONCE_LEN: usize = 64;
 pub const MAX_TIMESTAMP_LEN: usize = 20;
 /// Longest accepted `ctr` text: ctr < 2^53, which has 16 decimal digits.
 pub const MAX_CTR_LEN: usize = 16;
+/// `ctr` must be below 2^53 (spec §3.2).
+pub const MAX_CTR: u64 = 1 << 53;
 /// Default cap on remembered nonces per agent (see [`NonceWindow`]).
 pub const DEFAULT_NONCE_CAP: usize = 4096;
 
@@ -213,7 +215,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// Verify a `send` frame's signature over
 /// `switchboard-msg-v1\n<conn>\n<ctr>\n<to or empty>\n<data>` — the per-message hot path.
 ///
-/// `ctr_decimal` is the `ctr` text exactly as in the frame (it must be 1..=16 plain digits,
+/// `ctr_decimal` is the `ctr` text exactly as in the frame (plain digits, 1 <= ctr < 2^53,
 /// else `false`); `to` is `""` for a broadcast; `data` is the exact bytes of the frame's `data`
 /// value. The caller still owns the counter check (`ctr` above the last accepted).
 ///
@@ -229,7 +231,7 @@ pub fn verify_message(
     sig_b64: &str,
     scratch: &mut Vec<u8>,
 ) -> bool {
-    if parse_decimal(ctr_decimal, MAX_CTR_LEN).is_none() {
+    if !parse_decimal(ctr_decimal, MAX_CTR_LEN).is_some_and(|c| (1..MAX_CTR).contains(&c)) {
         return false;
     }
     let mut sig = [0u8; SIG_BUF_LEN];
@@ -613,6 +615,13 @@ mod tests {
         // ctr must be a plain decimal of at most 16 digits.
         let sig = sign_message_hmac(SECRET, "c_1", 1, "", b"1");
         assert!(verify_message(&hm, "c_1", "1", "", b"1", &sig, &mut scratch));
+        let top = (MAX_CTR - 1).to_string();
+        let sig_top = sign_message_hmac(SECRET, "c_1", MAX_CTR - 1, "", b"1");
+        assert!(verify_message(&hm, "c_1", &top, "", b"1", &sig_top, &mut scratch));
+        let sig_over = sign_message_hmac(SECRET, "c_1", MAX_CTR, "", b"1");
+        assert!(!verify_message(&hm, "c_1", &MAX_CTR.to_string(), "", b"1", &sig_over, &mut scratch));
+        let sig_zero = sign_message_hmac(SECRET, "c_1", 0, "", b"1");
+        assert!(!verify_message(&hm, "c_1", "0", "", b"1", &sig_zero, &mut scratch));
         for bad in ["", "+1", "-1", "1.0", "1e0", " 1", "12345678901234567"] {
             assert!(!verify_message(&hm, "c_1", bad, "", b"1", &sig, &mut scratch), "{bad:?}");
         }
