@@ -75,7 +75,7 @@ pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, slot:
         match http::parse_request(&buf, max_head) {
             Ok(None) => continue,
             Ok(Some(r)) => break r,
-            Err(refusal) => return refuse(&shard, stream, peer, refusal, "malformed_head").await,
+            Err(refusal) => return refuse(stream, peer, refusal, "malformed_head").await,
         }
     };
     match check(&shard, &req, peer) {
@@ -116,7 +116,7 @@ pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, slot:
             crate::ws::send_now(fd, http::healthz_response(shard.global.draining.load(Ordering::Relaxed)));
             linger(stream).await;
         }
-        Err((refusal, reason)) => refuse(&shard, stream, peer, refusal, reason).await,
+        Err((refusal, reason)) => refuse(stream, peer, refusal, reason).await,
     }
 }
 
@@ -181,7 +181,7 @@ fn check(
                     if !ok {
                         return Err((Refusal::Forbidden, "agent_not_reachable"));
                     }
-                    Some(agent_id.clone())
+                    Some(agent_id.to_string())
                 }
             };
             Ok(Some(Authenticated::Client { claims, bound }))
@@ -211,12 +211,12 @@ pub fn finish(shard: &Rc<ShardCtx>, h: Box<Handoff>) {
     };
     if let Authenticated::Agent { record, nonce, .. } = &who {
         if !shard.check_nonce(&record.agent_id, nonce, unix_now()) {
-            monoio::spawn(refuse(shard.clone(), stream, peer, Refusal::Unauthorized, "replayed_nonce"));
+            monoio::spawn(refuse(stream, peer, Refusal::Unauthorized, "replayed_nonce"));
             return;
         }
     }
     if shard.user_conn_count(user) >= g.config.limits.max_connections_per_user {
-        monoio::spawn(refuse(shard.clone(), stream, peer, Refusal::TooManyRequests, "user_connection_cap"));
+        monoio::spawn(refuse(stream, peer, Refusal::TooManyRequests, "user_connection_cap"));
         return;
     }
     let response = http::switching_protocols(&ws_key, subprotocol);
@@ -226,8 +226,7 @@ pub fn finish(shard: &Rc<ShardCtx>, h: Box<Handoff>) {
 }
 
 /// Answers with `refusal`, then lets the peer read it before the socket closes.
-async fn refuse(shard: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, refusal: Refusal, reason: &'static str) {
-    let _ = &shard;
+async fn refuse(stream: TcpStream, peer: SocketAddr, refusal: Refusal, reason: &'static str) {
     crate::metrics::refused(refusal, reason);
     tracing::info!(peer = %peer, status = refusal.status(), reason, "upgrade refused");
     crate::ws::send_now(stream.as_raw_fd(), refusal.response());
