@@ -12,7 +12,7 @@
 
 use crate::auth::agent::{self as agent_auth, AgentKey, UpgradeHeaders};
 use crate::auth::jwt::ClientClaims;
-use crate::connection::{self, Conn};
+use crate::connection;
 use crate::http::{self, Endpoint, Refusal, Request};
 use crate::listener::ConnSlot;
 use crate::shard::local::{unix_now, ShardCtx};

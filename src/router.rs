@@ -11,7 +11,7 @@
 //!   can add `seq`/`epoch` in one place.
 
 use crate::connection::{ConnRef, ConnState, Ident, Phase, Queued, RoleState};
-use crate::protocol::{self, Inbound, Kind};
+use crate::protocol::{self, frames, Inbound, Kind};
 use crate::shard::local::{unix_now, ShardCtx};
 use crate::shard::TokenBucket;
 use crate::store::AgentRecord;
@@ -97,7 +97,7 @@ fn reply(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, frame: bytes::Byt
 }
 
 fn error(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, code: &str, id: Option<&RawValue>, msg: &str) {
-    reply(shard, conn, st, protocol::error(code, id, msg));
+    reply(shard, conn, st, frames::error(code, id, msg));
 }
 
 /// A text frame from the peer.
@@ -106,11 +106,11 @@ pub fn on_text(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, text: &[u8]
         Ok(i) => i,
         Err(e) => {
             crate::metrics::dropped("bad_frame");
-            return error(shard, conn, st, "bad_frame", e.id(), e.message());
+            return reply(shard, conn, st, frames::bad_frame(&e));
         }
     };
     match inbound.kind {
-        Kind::Ping => reply(shard, conn, st, protocol::pong()),
+        Kind::Ping => reply(shard, conn, st, frames::pong()),
         // Cumulative mailbox acks belong to offline delivery (spec §8): accepted, no effect yet.
         Kind::Ack => {}
         Kind::Refresh => refresh(shard, conn, st, &inbound),
@@ -164,7 +164,7 @@ fn agent_send(
             return st.close(4029, "message rate abuse", now);
         }
     }
-    let frame = protocol::message_to_client(agent_id, data);
+    let frame = frames::message_to_client(agent_id, data);
     let user = conn.user.borrow();
     match to {
         Some(session) => {
@@ -199,7 +199,7 @@ fn agent_send(
     drop(user);
     crate::metrics::relayed(shard.idx, now);
     if let Some(id) = m.id {
-        reply(shard, conn, st, protocol::ack(id));
+        reply(shard, conn, st, frames::ack(id));
     }
 }
 
@@ -243,7 +243,7 @@ fn client_send(
     let delivered = match agent {
         Some(agent) => {
             let mut ast = agent.st.borrow_mut();
-            shard.deliver(&agent, &mut ast, protocol::message_to_agent(session, data)) != Queued::Closed
+            shard.deliver(&agent, &mut ast, frames::message_to_agent(session, data)) != Queued::Closed
         }
         None => false,
     };
@@ -257,7 +257,7 @@ fn client_send(
     }
     crate::metrics::relayed(shard.idx, now);
     if let Some(id) = m.id {
-        reply(shard, conn, st, protocol::ack(id));
+        reply(shard, conn, st, frames::ack(id));
     }
 }
 
@@ -321,12 +321,12 @@ pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, record: Opt
                         sessions.push(session.clone());
                     }
                     if came_online {
-                        shard.deliver(s, &mut sst, protocol::presence(agent_id, true));
+                        shard.deliver(s, &mut sst, frames::presence(agent_id, true));
                     }
                 }
             }
             let names: Vec<&str> = sessions.iter().map(|s| &**s).collect();
-            let welcome = protocol::welcome_agent(conn_id, agent_id, &user.user, &names, hb);
+            let welcome = frames::welcome_agent(conn_id, agent_id, &user.user, &names, hb);
             drop(user);
             shard.deliver(conn, st, welcome);
             let _ = record;
@@ -341,12 +341,12 @@ pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, record: Opt
                 .filter(|r| r.is_usable(unix) && st.role.can_reach(&r.agent_id))
                 .map(|r| (r.agent_id.as_str(), r.name.as_str(), user.agents.contains_key(r.agent_id.as_str())))
                 .collect();
-            let welcome = protocol::welcome_client(session, &user.user, &reachable, hb);
+            let welcome = frames::welcome_client(session, &user.user, &reachable, hb);
             for (id, slot) in user.agents.iter() {
                 if let Some(a) = &slot.conn {
                     if st.role.can_reach(id) {
                         let mut ast = a.st.borrow_mut();
-                        shard.deliver(a, &mut ast, protocol::session_event(session, true));
+                        shard.deliver(a, &mut ast, frames::session_event(session, true));
                     }
                 }
             }
@@ -390,7 +390,7 @@ pub fn on_close(shard: &ShardCtx, conn: &ConnRef) {
                     if let Some(a) = &slot.conn {
                         if st.role.can_reach(id) {
                             let mut ast = a.st.borrow_mut();
-                            shard.deliver(a, &mut ast, protocol::session_event(session, false));
+                            shard.deliver(a, &mut ast, frames::session_event(session, false));
                         }
                     }
                 }
@@ -419,7 +419,7 @@ pub fn expire_grace(shard: &ShardCtx, user: &Rc<std::cell::RefCell<UserState>>, 
         for s in u.sessions.values() {
             let mut sst = s.st.borrow_mut();
             if sst.role.can_reach(&id) {
-                shard.deliver(s, &mut sst, protocol::presence(&id, false));
+                shard.deliver(s, &mut sst, frames::presence(&id, false));
             }
         }
     }
