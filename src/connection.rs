@@ -1,1 +1,542 @@
-//! TODO
+//! One WebSocket session on its home shard: its task, its outbound queue, its close.
+//!
+//! I/O is readiness-driven: the task awaits `readable` (or `writable` while output is
+//! blocked) and a wake-up from the shard; bytes are `recv`d into the shard's one scratch
+//! buffer and fed to [`crate::ws`]. Output is queued as shared [`Bytes`] frames and written
+//! with one gathered `sendmsg` per connection per batch of input (see
+//! [`ShardCtx::flush_dirty`]).
+//!
+//! Invariants:
+//! - The outbound queue never holds more than `send_buffer_bytes` of data frames; a frame
+//!   that would overflow it closes the connection with 4008 instead (counted).
+//! - A connection's task is the only place that drops its socket, after the close handshake
+//!   (or its deadline) and after [`unregister`] has removed it from the user's state.
+//! - No borrow of a connection's state is held across an `.await`.
+
+use crate::auth::agent::AgentKey;
+use crate::handshake::Authenticated;
+use crate::listener::ConnSlot;
+use crate::router::{self, UserState};
+use crate::shard::local::ShardCtx;
+use crate::ws::{self, Event, Ws};
+use bytes::Bytes;
+use monoio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+pub type ConnRef = Rc<Conn>;
+
+/// How long a close handshake may take before the socket is dropped anyway.
+pub const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Who is on the other end; fixed for the connection's life.
+pub enum Ident {
+    Agent { agent_id: Rc<str>, conn_id: Box<str> },
+    Client { session: Rc<str> },
+}
+
+pub enum RoleState {
+    Agent {
+        key: AgentKey,
+        /// Highest accepted message counter (spec §3.2).
+        last_ctr: u64,
+        expires: Option<u64>,
+    },
+    Client {
+        /// The agent this session is bound to (`agent=`), if any.
+        bound: Option<Rc<str>>,
+        /// The token's `agents` allowlist, if any.
+        allow: Option<Box<[Box<str>]>>,
+        exp: u64,
+        warned: bool,
+    },
+}
+
+impl RoleState {
+    /// Whether a client session may exchange messages with `agent_id`.
+    pub fn can_reach(&self, agent_id: &str) -> bool {
+        match self {
+            RoleState::Client { bound, allow, .. } => {
+                bound.as_deref().is_none_or(|b| b == agent_id)
+                    && allow.as_deref().is_none_or(|a| a.iter().any(|x| &**x == agent_id))
+            }
+            RoleState::Agent { .. } => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Open,
+    /// We sent a close frame; waiting for the peer's until the deadline.
+    Closing(Instant),
+    /// Write what is queued (a close reply), then drop the socket (by the deadline at most).
+    FlushThenClose(Instant),
+    Dead,
+}
+
+pub struct ConnState {
+    pub ws: Ws,
+    outq: VecDeque<Bytes>,
+    /// Bytes in `outq` not yet written.
+    out_bytes: usize,
+    /// How much of `outq[0]` is already written.
+    head_off: usize,
+    dirty: bool,
+    want_write: bool,
+    pub phase: Phase,
+    pub close_code: Option<u16>,
+    /// Last frame of any kind from the peer (heartbeat).
+    pub last_rx: Instant,
+    /// Last data frame from the peer (idle timeout).
+    pub last_data: Instant,
+    pub last_ping: Instant,
+    pub role: RoleState,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+pub struct Conn {
+    pub fd: RawFd,
+    /// Index in the shard's connection slab.
+    pub key: Cell<usize>,
+    pub user: Rc<RefCell<UserState>>,
+    pub ident: Ident,
+    pub peer: SocketAddr,
+    pub opened: Instant,
+    pub st: RefCell<ConnState>,
+    notified: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+    _slot: ConnSlot,
+}
+
+impl Conn {
+    pub fn is_agent(&self) -> bool {
+        matches!(self.ident, Ident::Agent { .. })
+    }
+
+    pub fn role_label(&self) -> &'static str {
+        if self.is_agent() {
+            "agent"
+        } else {
+            "client"
+        }
+    }
+
+    /// Wakes the connection's task (to notice a close, or to wait for writability).
+    pub fn notify(&self) {
+        self.notified.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    async fn notified(&self) {
+        poll_fn(|cx| {
+            if self.notified.replace(false) {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Result of queueing a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Queued {
+    Yes,
+    /// The connection is closing or closed: nothing was queued.
+    Closed,
+    /// The frame would overflow the outbound budget: the connection is now closing (4008).
+    Overflow,
+}
+
+impl ConnState {
+    /// Queues a data frame within the outbound budget.
+    pub fn enqueue(&mut self, frame: Bytes, budget: usize, now: Instant) -> Queued {
+        if self.phase != Phase::Open {
+            return Queued::Closed;
+        }
+        if self.out_bytes + frame.len() > budget {
+            self.close_slow_consumer(now);
+            return Queued::Overflow;
+        }
+        self.push(frame);
+        Queued::Yes
+    }
+
+    fn push(&mut self, frame: Bytes) {
+        self.out_bytes += frame.len();
+        self.frames_out += 1;
+        self.outq.push_back(frame);
+    }
+
+    /// Moves what tungstenite wants to send (control frames) onto the queue, outside the
+    /// budget: they are tiny and bounded by the peer's own input.
+    pub fn pump_control(&mut self) {
+        if let Some(b) = self.ws.take_output() {
+            self.out_bytes += b.len();
+            self.outq.push_back(b);
+        }
+    }
+
+    /// Starts the close handshake with `code`.
+    pub fn close(&mut self, code: u16, reason: &'static str, now: Instant) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        self.ws.close(code, reason);
+        self.pump_control();
+        self.close_code = Some(code);
+        self.phase = Phase::Closing(now + CLOSE_DEADLINE);
+    }
+
+    /// Drops queued frames (keeping one partly written, so the stream stays well-formed)
+    /// and closes with 4008.
+    fn close_slow_consumer(&mut self, now: Instant) {
+        let keep = if self.head_off > 0 { 1 } else { 0 };
+        while self.outq.len() > keep {
+            let b = self.outq.pop_back().expect("len checked");
+            self.out_bytes -= b.len();
+        }
+        crate::metrics::dropped("slow_consumer");
+        self.close(4008, "outbound budget exceeded", now);
+    }
+
+    /// Writes as much of the queue as the socket takes. Ok(true) when the queue is empty.
+    fn flush(&mut self, fd: RawFd) -> std::io::Result<bool> {
+        while !self.outq.is_empty() {
+            let n = match ws::send_vectored(fd, self.head_off, self.outq.iter()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.bytes_out += n as u64;
+            self.out_bytes -= n;
+            let mut n = n + self.head_off;
+            self.head_off = 0;
+            while let Some(front) = self.outq.front() {
+                if n >= front.len() {
+                    n -= front.len();
+                    self.outq.pop_front();
+                } else {
+                    self.head_off = n;
+                    break;
+                }
+            }
+        }
+        if self.outq.capacity() > 64 {
+            self.outq.shrink_to(8);
+        }
+        Ok(true)
+    }
+}
+
+impl ShardCtx {
+    /// Queues `frame` on `conn` (whose state the caller has borrowed as `st`) and schedules
+    /// a flush at the end of the current batch.
+    pub fn deliver(&self, conn: &ConnRef, st: &mut ConnState, frame: Bytes) -> Queued {
+        let q = st.enqueue(frame, self.global.config.limits.send_buffer_bytes, self.now());
+        self.mark_dirty(conn, st);
+        q
+    }
+
+    /// Schedules `conn` for a flush at the end of the current batch.
+    pub fn mark_dirty(&self, conn: &ConnRef, st: &mut ConnState) {
+        if !st.dirty {
+            st.dirty = true;
+            self.dirty.borrow_mut().push(conn.clone());
+        }
+    }
+
+    /// Writes every connection that got output during this batch: one `sendmsg` each.
+    pub fn flush_dirty(&self) {
+        let mut list = std::mem::take(&mut *self.dirty.borrow_mut());
+        for conn in list.drain(..) {
+            let mut st = conn.st.borrow_mut();
+            st.dirty = false;
+            if st.want_write || st.phase == Phase::Dead {
+                continue;
+            }
+            match st.flush(conn.fd) {
+                Ok(true) => {
+                    if matches!(st.phase, Phase::FlushThenClose(_)) {
+                        st.phase = Phase::Dead;
+                        conn.notify();
+                    }
+                }
+                Ok(false) => {
+                    st.want_write = true;
+                    conn.notify();
+                }
+                Err(_) => {
+                    st.phase = Phase::Dead;
+                    st.close_code.get_or_insert(1006);
+                    conn.notify();
+                }
+            }
+        }
+        let mut d = self.dirty.borrow_mut();
+        if d.is_empty() {
+            *d = list;
+        }
+    }
+}
+
+/// Creates the connection on its home shard: 101, welcome, presence; early frames fed.
+pub fn register(
+    shard: &Rc<ShardCtx>,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    slot: ConnSlot,
+    who: Authenticated,
+    response: Vec<u8>,
+    leftover: Vec<u8>,
+) -> ConnRef {
+    let now = shard.now();
+    let cfg = &shard.global.config;
+    let (user_name, ident, role, record) = match who {
+        Authenticated::Agent { record, key, .. } => {
+            let ident = Ident::Agent { agent_id: record.agent_id.as_str().into(), conn_id: crate::ids::conn_id().into() };
+            let role = RoleState::Agent { key, last_ctr: 0, expires: record.expires };
+            (record.user.clone(), ident, role, Some(record))
+        }
+        Authenticated::Client { claims, bound } => {
+            let ident = Ident::Client { session: crate::ids::session_id().into() };
+            let role = RoleState::Client {
+                bound: bound.map(Into::into),
+                allow: claims.agents.map(|a| a.into_iter().map(Into::into).collect()),
+                exp: claims.exp,
+                warned: false,
+            };
+            (claims.user, ident, role, None)
+        }
+    };
+    let user = shard.user_entry(&user_name);
+    let mut ws = Ws::new(cfg.server.ws_read_buffer_bytes, cfg.limits.max_frame_bytes);
+    if !leftover.is_empty() {
+        ws.feed(Bytes::from(leftover));
+    }
+    let st = ConnState {
+        ws,
+        outq: VecDeque::new(),
+        out_bytes: 0,
+        head_off: 0,
+        dirty: false,
+        want_write: false,
+        phase: Phase::Open,
+        close_code: None,
+        last_rx: now,
+        last_data: now,
+        last_ping: now,
+        role,
+        frames_in: 0,
+        frames_out: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+    };
+    let conn = Rc::new(Conn {
+        fd: stream.as_raw_fd(),
+        key: Cell::new(usize::MAX),
+        user,
+        ident,
+        peer,
+        opened: now,
+        st: RefCell::new(st),
+        notified: Cell::new(false),
+        waker: Cell::new(None),
+        _slot: slot,
+    });
+    conn.key.set(shard.conns.borrow_mut().insert(conn.clone()));
+    conn.user.borrow_mut().conns += 1;
+    {
+        let mut st = conn.st.borrow_mut();
+        st.outq.push_back(Bytes::from(response));
+        router::on_open(shard, &conn, &mut st, record.as_ref());
+        shard.mark_dirty(&conn, &mut st);
+    }
+    crate::metrics::conn_opened(conn.role_label());
+    match &conn.ident {
+        Ident::Agent { agent_id, conn_id } => {
+            tracing::info!(role = "agent", agent = %agent_id, conn = %conn_id, peer = %peer, "connection opened");
+            shard.global.writer.send(crate::store::WriteOp::AgentConnected {
+                agent_id: agent_id.to_string(),
+                at: crate::shard::local::unix_now(),
+            });
+        }
+        Ident::Client { session } => {
+            tracing::info!(role = "client", session = %session, peer = %peer, "connection opened");
+        }
+    }
+    conn
+}
+
+/// The connection's task: reads, waits for writability when output is blocked, and cleans
+/// up when the connection is done.
+pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, conn: ConnRef) {
+    // Frames that arrived with the request head.
+    if !conn.st.borrow().ws.input_drained() {
+        process(&shard, &conn, None);
+    }
+    shard.flush_dirty();
+    loop {
+        let (dead, want_write) = {
+            let st = conn.st.borrow();
+            (st.phase == Phase::Dead, st.want_write)
+        };
+        if dead {
+            break;
+        }
+        if want_write {
+            monoio::select! {
+                r = stream.readable(false) => on_readable(&shard, &conn, r.is_ok()),
+                w = stream.writable(false) => {
+                    let mut st = conn.st.borrow_mut();
+                    st.want_write = false;
+                    if w.is_err() {
+                        st.phase = Phase::Dead;
+                    } else {
+                        shard.mark_dirty(&conn, &mut st);
+                    }
+                    drop(st);
+                    shard.flush_dirty();
+                }
+                _ = conn.notified() => {}
+            }
+        } else {
+            monoio::select! {
+                r = stream.readable(false) => on_readable(&shard, &conn, r.is_ok()),
+                _ = conn.notified() => {}
+            }
+        }
+    }
+    unregister(&shard, &conn);
+    drop(stream);
+}
+
+/// Size of one `recv` into the shard's scratch buffer.
+const RECV_CHUNK: usize = 64 * 1024;
+
+fn on_readable(shard: &ShardCtx, conn: &ConnRef, ok: bool) {
+    if !ok {
+        let mut st = conn.st.borrow_mut();
+        st.phase = Phase::Dead;
+        st.close_code.get_or_insert(1006);
+        return;
+    }
+    shard.refresh_now();
+    loop {
+        let chunk = {
+            let mut scratch = shard.scratch.borrow_mut();
+            if scratch.capacity() - scratch.len() < RECV_CHUNK / 4 {
+                scratch.reserve(RECV_CHUNK);
+            }
+            match ws::recv(conn.fd, &mut scratch) {
+                Ok(0) => None,
+                Ok(n) => Some(scratch.split_to(n).freeze()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => None,
+            }
+        };
+        let Some(chunk) = chunk else {
+            let mut st = conn.st.borrow_mut();
+            st.phase = Phase::Dead;
+            st.close_code.get_or_insert(1006);
+            break;
+        };
+        let full = chunk.len() >= RECV_CHUNK / 4;
+        process(shard, conn, Some(chunk));
+        if !full {
+            break;
+        }
+    }
+    shard.flush_dirty();
+}
+
+/// Feeds `chunk` (if any) to the WebSocket and acts on every complete frame.
+fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
+    let now = shard.now();
+    let mut st = conn.st.borrow_mut();
+    if let Some(chunk) = chunk {
+        st.bytes_in += chunk.len() as u64;
+        st.ws.feed(chunk);
+    }
+    loop {
+        match st.ws.next_event() {
+            Event::NeedMore => break,
+            Event::Text(text) => {
+                st.last_rx = now;
+                st.last_data = now;
+                st.frames_in += 1;
+                if st.phase == Phase::Open {
+                    router::on_text(shard, conn, &mut st, text.as_bytes(), now);
+                }
+            }
+            Event::Control => st.last_rx = now,
+            Event::Binary => {
+                st.last_rx = now;
+                st.frames_in += 1;
+                st.close(1003, "binary frames are not accepted", now);
+            }
+            Event::PeerClose(code) => {
+                st.close_code.get_or_insert(code.unwrap_or(1005));
+                if st.phase == Phase::Open {
+                    st.phase = Phase::FlushThenClose(now + CLOSE_DEADLINE);
+                }
+            }
+            Event::Closed => {
+                st.phase = Phase::FlushThenClose(now + CLOSE_DEADLINE);
+                break;
+            }
+            Event::Fatal(code) => {
+                let reason = match code {
+                    1009 => "frame too big",
+                    1007 => "invalid UTF-8",
+                    1002 => "protocol error",
+                    _ => "internal error",
+                };
+                st.close(code, reason, now);
+                st.phase = Phase::FlushThenClose(now + CLOSE_DEADLINE);
+                break;
+            }
+        }
+    }
+    st.pump_control();
+    shard.mark_dirty(conn, &mut st);
+}
+
+/// Removes the connection from its shard and user; tells the others.
+fn unregister(shard: &ShardCtx, conn: &ConnRef) {
+    shard.conns.borrow_mut().try_remove(conn.key.get());
+    router::on_close(shard, conn);
+    let st = conn.st.borrow();
+    let code = st.close_code.unwrap_or(1006);
+    crate::metrics::conn_closed(conn.role_label(), code);
+    match &conn.ident {
+        Ident::Agent { agent_id, conn_id } => {
+            tracing::info!(role = "agent", agent = %agent_id, conn = %conn_id, code, frames_in = st.frames_in, frames_out = st.frames_out, "connection closed");
+            shard.global.writer.send(crate::store::WriteOp::AgentDisconnected {
+                agent_id: agent_id.to_string(),
+                at: crate::shard::local::unix_now(),
+            });
+        }
+        Ident::Client { session } => {
+            tracing::info!(role = "client", session = %session, code, frames_in = st.frames_in, frames_out = st.frames_out, "connection closed");
+        }
+    }
+    drop(st);
+    shard.flush_dirty();
+}

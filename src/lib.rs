@@ -16,6 +16,8 @@
 //! - [`admin`]      the admin listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]    metric names and the exporter.
 //! - [`ids`]        relay-assigned ids (conn, session, agent).
+//! - [`server`]     `serve`: assembles the daemon and runs it until a signal.
+//! - [`logging`]    JSON-lines logs on stdout.
 
 pub mod admin;
 pub mod auth;
@@ -27,9 +29,11 @@ pub mod handshake;
 pub mod http;
 pub mod ids;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod router;
+pub mod server;
 pub mod shard;
 pub mod store;
 pub mod ws;

@@ -1,1 +1,443 @@
-//! TODO
+//! Per-user state on the home shard and the routing rules of spec §4–5.
+//!
+//! Invariants:
+//! - A user's state lives only on its home shard; every lookup here is shard-local, so a
+//!   relayed message never leaves the thread that read it.
+//! - A message reaches only connections of the sender's user, and only those the rules of
+//!   §5 allow (binding and allowlist); anything else gets `not_allowed` or `offline`, which
+//!   reveal nothing about other users.
+//! - One outbound frame is built per relayed message and shared by every recipient.
+//! - Every `message` frame is built by [`crate::protocol`]'s single builder, so resume (§8)
+//!   can add `seq`/`epoch` in one place.
+
+use crate::connection::{ConnRef, ConnState, Ident, Phase, Queued, RoleState};
+use crate::protocol::{self, frames, Inbound, Kind};
+use crate::shard::local::{unix_now, ShardCtx};
+use crate::shard::TokenBucket;
+use crate::store::AgentRecord;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// A warning is sent this long before a client's token expires.
+pub const EXPIRY_WARNING_SECS: u64 = 30;
+
+/// One of the user's agents that is online, or offline within its grace period.
+pub struct AgentSlot {
+    pub conn: Option<ConnRef>,
+    pub offline_since: Option<Instant>,
+}
+
+pub struct UserState {
+    pub user: Rc<str>,
+    pub agents: HashMap<Rc<str>, AgentSlot>,
+    pub sessions: HashMap<Rc<str>, ConnRef>,
+    /// Live connections (agents and clients) of this user on this shard.
+    pub conns: usize,
+    bucket: TokenBucket,
+    /// When the user started being continuously over its rate, and when it last was.
+    over_since: Option<Instant>,
+    last_limited: Option<Instant>,
+}
+
+impl UserState {
+    pub fn new(user: Rc<str>, rate: u32, burst: u32, now: Instant) -> Self {
+        UserState {
+            user,
+            agents: HashMap::new(),
+            sessions: HashMap::new(),
+            conns: 0,
+            bucket: TokenBucket::new(rate, burst, now),
+            over_since: None,
+            last_limited: None,
+        }
+    }
+
+    /// True when nothing keeps this state alive.
+    pub fn is_empty(&self) -> bool {
+        self.conns == 0 && self.agents.is_empty()
+    }
+}
+
+enum Rate {
+    Ok,
+    Limited,
+    /// Over the rate for longer than `rate_abuse_close_secs`: close with 4029.
+    Abuse,
+}
+
+fn take_rate(shard: &ShardCtx, conn: &ConnRef, now: Instant) -> Rate {
+    let mut u = conn.user.borrow_mut();
+    if u.bucket.take(now) {
+        if u.last_limited.is_some_and(|t| now.duration_since(t) > Duration::from_secs(1)) {
+            u.over_since = None;
+        }
+        return Rate::Ok;
+    }
+    // Continuously over the limit (no gap over 1 s) since `over_since`.
+    let continuing = u.last_limited.is_some_and(|t| now.duration_since(t) <= Duration::from_secs(1));
+    if !continuing || u.over_since.is_none() {
+        u.over_since = Some(now);
+    }
+    u.last_limited = Some(now);
+    let abuse = Duration::from_secs(shard.global.config.limits.rate_abuse_close_secs);
+    if u.over_since.is_some_and(|s| now.duration_since(s) >= abuse) {
+        Rate::Abuse
+    } else {
+        Rate::Limited
+    }
+}
+
+/// Queues a frame for the connection itself (acks, errors, pongs).
+fn reply(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, frame: bytes::Bytes) {
+    if shard.deliver(conn, st, frame) == Queued::Overflow {
+        crate::metrics::dropped("slow_consumer");
+    }
+}
+
+fn error(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, code: &str, id: Option<&RawValue>, msg: &str) {
+    reply(shard, conn, st, frames::error(code, id, msg));
+}
+
+/// A text frame from the peer.
+pub fn on_text(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, text: &[u8], now: Instant) {
+    let inbound = match protocol::parse_inbound(text) {
+        Ok(i) => i,
+        Err(e) => {
+            crate::metrics::dropped("bad_frame");
+            return reply(shard, conn, st, frames::bad_frame(&e));
+        }
+    };
+    match inbound.kind {
+        Kind::Ping => reply(shard, conn, st, frames::pong()),
+        // Cumulative mailbox acks belong to offline delivery (spec §8): accepted, no effect yet.
+        Kind::Ack => {}
+        Kind::Refresh => refresh(shard, conn, st, &inbound),
+        Kind::Send => match &conn.ident {
+            Ident::Agent { agent_id, conn_id } => agent_send(shard, conn, st, &inbound, agent_id, conn_id, now),
+            Ident::Client { session } => client_send(shard, conn, st, &inbound, session, now),
+        },
+    }
+}
+
+fn agent_send(
+    shard: &ShardCtx,
+    conn: &ConnRef,
+    st: &mut ConnState,
+    m: &Inbound,
+    agent_id: &Rc<str>,
+    conn_id: &str,
+    now: Instant,
+) {
+    let data = m.data.expect("parser requires data in send").get().as_bytes();
+    let to = m.to.as_deref();
+    if shard.global.config.auth.agent_message_signatures == crate::config::MessageSignatures::Required {
+        let RoleState::Agent { key, last_ctr, .. } = &mut st.role else { return };
+        let verdict = match (&m.ctr, m.sig) {
+            (Some(ctr), Some(sig)) if ctr.value > *last_ctr => {
+                let mut scratch = shard.sig_scratch.borrow_mut();
+                if crate::auth::agent::verify_message(key, conn_id, ctr.decimal, to.unwrap_or(""), data, sig, &mut scratch)
+                {
+                    *last_ctr = ctr.value;
+                    None
+                } else {
+                    Some("signature does not verify")
+                }
+            }
+            (Some(_), Some(_)) => Some("ctr must increase"),
+            _ => Some("ctr and sig are required"),
+        };
+        if let Some(msg) = verdict {
+            crate::metrics::dropped("bad_signature");
+            return error(shard, conn, st, "bad_signature", m.id, msg);
+        }
+    }
+    match take_rate(shard, conn, now) {
+        Rate::Ok => {}
+        Rate::Limited => {
+            crate::metrics::dropped("rate");
+            return error(shard, conn, st, "rate_limited", m.id, "message rate exceeded; dropped");
+        }
+        Rate::Abuse => {
+            crate::metrics::dropped("rate");
+            return st.close(4029, "message rate abuse", now);
+        }
+    }
+    let frame = frames::message_to_client(agent_id, data);
+    let user = conn.user.borrow();
+    match to {
+        Some(session) => {
+            let Some(target) = user.sessions.get(session) else {
+                drop(user);
+                crate::metrics::dropped("offline");
+                return error(shard, conn, st, "offline", m.id, "no such session");
+            };
+            let mut tst = target.st.borrow_mut();
+            if !tst.role.can_reach(agent_id) {
+                drop(tst);
+                drop(user);
+                crate::metrics::dropped("not_allowed");
+                return error(shard, conn, st, "not_allowed", m.id, "that session cannot reach this agent");
+            }
+            if shard.deliver(target, &mut tst, frame) == Queued::Closed {
+                drop(tst);
+                drop(user);
+                crate::metrics::dropped("offline");
+                return error(shard, conn, st, "offline", m.id, "no such session");
+            }
+        }
+        None => {
+            for target in user.sessions.values() {
+                let mut tst = target.st.borrow_mut();
+                if tst.role.can_reach(agent_id) {
+                    shard.deliver(target, &mut tst, frame.clone());
+                }
+            }
+        }
+    }
+    drop(user);
+    crate::metrics::relayed(shard.idx, now);
+    if let Some(id) = m.id {
+        reply(shard, conn, st, frames::ack(id));
+    }
+}
+
+fn client_send(
+    shard: &ShardCtx,
+    conn: &ConnRef,
+    st: &mut ConnState,
+    m: &Inbound,
+    session: &str,
+    now: Instant,
+) {
+    let data = m.data.expect("parser requires data in send").get().as_bytes();
+    let RoleState::Client { bound, .. } = &st.role else { return };
+    let target: Rc<str> = match (&m.to, bound) {
+        (Some(t), _) => Rc::from(&**t),
+        (None, Some(b)) => b.clone(),
+        (None, None) => {
+            crate::metrics::dropped("bad_frame");
+            return error(shard, conn, st, "bad_frame", m.id, "\"to\" is required: this session is not bound to an agent");
+        }
+    };
+    match take_rate(shard, conn, now) {
+        Rate::Ok => {}
+        Rate::Limited => {
+            crate::metrics::dropped("rate");
+            return error(shard, conn, st, "rate_limited", m.id, "message rate exceeded; dropped");
+        }
+        Rate::Abuse => {
+            crate::metrics::dropped("rate");
+            return st.close(4029, "message rate abuse", now);
+        }
+    }
+    if !st.role.can_reach(&target) {
+        crate::metrics::dropped("not_allowed");
+        return error(shard, conn, st, "not_allowed", m.id, "this session cannot reach that agent");
+    }
+    let user = conn.user.borrow();
+    let agent = user.agents.get(&target).and_then(|s| s.conn.clone());
+    let user_name = user.user.clone();
+    drop(user);
+    let delivered = match agent {
+        Some(agent) => {
+            let mut ast = agent.st.borrow_mut();
+            shard.deliver(&agent, &mut ast, frames::message_to_agent(session, data)) != Queued::Closed
+        }
+        None => false,
+    };
+    if !delivered {
+        // Not online here: is it this user's agent at all? Only the failure path reads the store.
+        let mine = matches!(shard.global.store.get_agent(&target), Ok(Some(r)) if *r.user == *user_name && r.is_usable(unix_now()));
+        let (code, msg) =
+            if mine { ("offline", "that agent is not connected") } else { ("not_allowed", "no such agent for this user") };
+        crate::metrics::dropped(code);
+        return error(shard, conn, st, code, m.id, msg);
+    }
+    crate::metrics::relayed(shard.idx, now);
+    if let Some(id) = m.id {
+        reply(shard, conn, st, frames::ack(id));
+    }
+}
+
+fn refresh(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, m: &Inbound) {
+    let RoleState::Client { bound, .. } = &st.role else {
+        return error(shard, conn, st, "bad_frame", m.id, "agents do not refresh tokens");
+    };
+    let token = m.token.as_deref().unwrap_or("");
+    let claims = match shard.global.jwt().verify(token) {
+        Ok(c) if *c.user == *conn.user.borrow().user => c,
+        _ => return error(shard, conn, st, "unauthorized", m.id, "refresh refused; the session is unchanged"),
+    };
+    if let (Some(b), Some(a)) = (bound, &claims.agents) {
+        if !a.iter().any(|x| **x == **b) {
+            return error(shard, conn, st, "unauthorized", m.id, "the new token does not allow the bound agent");
+        }
+    }
+    let remaining = claims.exp.saturating_sub(unix_now());
+    if let RoleState::Client { allow, exp, warned, .. } = &mut st.role {
+        *allow = claims.agents.map(|a| a.into_iter().map(Into::into).collect());
+        *exp = claims.exp;
+        *warned = remaining <= EXPIRY_WARNING_SECS;
+    }
+    if remaining <= EXPIRY_WARNING_SECS {
+        warn_expiry(shard, conn, st, remaining);
+    }
+}
+
+pub fn warn_expiry(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, remaining: u64) {
+    let msg = format!("token expires in {remaining} s; send a refresh");
+    error(shard, conn, st, "token_expiring", None, &msg);
+}
+
+/// A new connection on its home shard: welcome, then tell the others.
+pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, record: Option<&AgentRecord>) {
+    let hb = shard.global.config.limits.heartbeat_secs;
+    let now = shard.now();
+    match &conn.ident {
+        Ident::Agent { agent_id, conn_id } => {
+            let mut user = conn.user.borrow_mut();
+            let came_online = match user.agents.get_mut(agent_id) {
+                Some(slot) => {
+                    if let Some(old) = slot.conn.replace(conn.clone()) {
+                        let mut ost = old.st.borrow_mut();
+                        ost.close(4009, "replaced by a newer connection", now);
+                        shard.mark_dirty(&old, &mut ost);
+                    }
+                    slot.offline_since = None;
+                    false
+                }
+                None => {
+                    user.agents.insert(agent_id.clone(), AgentSlot { conn: Some(conn.clone()), offline_since: None });
+                    true
+                }
+            };
+            let mut sessions = Vec::new();
+            for s in user.sessions.values() {
+                let mut sst = s.st.borrow_mut();
+                if sst.role.can_reach(agent_id) {
+                    if let Ident::Client { session } = &s.ident {
+                        sessions.push(session.clone());
+                    }
+                    if came_online {
+                        shard.deliver(s, &mut sst, frames::presence(agent_id, true));
+                    }
+                }
+            }
+            let names: Vec<&str> = sessions.iter().map(|s| &**s).collect();
+            let welcome = frames::welcome_agent(conn_id, agent_id, &user.user, &names, hb);
+            drop(user);
+            shard.deliver(conn, st, welcome);
+            let _ = record;
+        }
+        Ident::Client { session } => {
+            let mut user = conn.user.borrow_mut();
+            user.sessions.insert(session.clone(), conn.clone());
+            let records = shard.global.store.agents_of_user(&user.user).unwrap_or_default();
+            let unix = unix_now();
+            let reachable: Vec<(&str, &str, bool)> = records
+                .iter()
+                .filter(|r| r.is_usable(unix) && st.role.can_reach(&r.agent_id))
+                .map(|r| (r.agent_id.as_str(), r.name.as_str(), user.agents.contains_key(r.agent_id.as_str())))
+                .collect();
+            let welcome = frames::welcome_client(session, &user.user, &reachable, hb);
+            for (id, slot) in user.agents.iter() {
+                if let Some(a) = &slot.conn {
+                    if st.role.can_reach(id) {
+                        let mut ast = a.st.borrow_mut();
+                        shard.deliver(a, &mut ast, frames::session_event(session, true));
+                    }
+                }
+            }
+            drop(user);
+            shard.deliver(conn, st, welcome);
+            if let RoleState::Client { exp, warned, .. } = &mut st.role {
+                let remaining = exp.saturating_sub(unix);
+                if remaining <= EXPIRY_WARNING_SECS {
+                    *warned = true;
+                    warn_expiry(shard, conn, st, remaining);
+                }
+            }
+        }
+    }
+}
+
+/// A connection is gone: update presence and sessions, release the user when unused.
+pub fn on_close(shard: &ShardCtx, conn: &ConnRef) {
+    let now = shard.now();
+    let mut user = conn.user.borrow_mut();
+    user.conns -= 1;
+    match &conn.ident {
+        Ident::Agent { agent_id, .. } => {
+            if let Some(slot) = user.agents.get_mut(agent_id) {
+                if slot.conn.as_ref().is_some_and(|c| Rc::ptr_eq(c, conn)) {
+                    slot.conn = None;
+                    slot.offline_since = Some(now);
+                }
+            }
+            if shard.global.config.presence.offline_grace_ms == 0 {
+                drop(user);
+                expire_grace(shard, &conn.user, now);
+                user = conn.user.borrow_mut();
+            }
+        }
+        Ident::Client { session } => {
+            if user.sessions.get(session).is_some_and(|c| Rc::ptr_eq(c, conn)) {
+                user.sessions.remove(session);
+                let st = conn.st.borrow();
+                for (id, slot) in user.agents.iter() {
+                    if let Some(a) = &slot.conn {
+                        if st.role.can_reach(id) {
+                            let mut ast = a.st.borrow_mut();
+                            shard.deliver(a, &mut ast, frames::session_event(session, false));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if user.is_empty() {
+        let name = user.user.clone();
+        drop(user);
+        shard.users.borrow_mut().remove(&name);
+    }
+}
+
+/// Announces agents whose offline grace has run out, and forgets them.
+pub fn expire_grace(shard: &ShardCtx, user: &Rc<std::cell::RefCell<UserState>>, now: Instant) {
+    let grace = Duration::from_millis(shard.global.config.presence.offline_grace_ms);
+    let mut u = user.borrow_mut();
+    let gone: Vec<Rc<str>> = u
+        .agents
+        .iter()
+        .filter(|(_, s)| s.conn.is_none() && s.offline_since.is_some_and(|t| now.duration_since(t) >= grace))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in gone {
+        u.agents.remove(&id);
+        for s in u.sessions.values() {
+            let mut sst = s.st.borrow_mut();
+            if sst.role.can_reach(&id) {
+                shard.deliver(s, &mut sst, frames::presence(&id, false));
+            }
+        }
+    }
+}
+
+/// `switchboard agent revoke` committed: close the agent's live connection with 4003.
+pub fn revoke(shard: &ShardCtx, user: &str, agent_id: &str) {
+    let Some(u) = shard.users.borrow().get(user).cloned() else { return };
+    let u = u.borrow();
+    if let Some(conn) = u.agents.get(agent_id).and_then(|s| s.conn.clone()) {
+        let mut st = conn.st.borrow_mut();
+        st.close(4003, "agent revoked", shard.now());
+        shard.mark_dirty(&conn, &mut st);
+        tracing::info!(agent = %agent_id, "revoked agent disconnected");
+    }
+}
+
+/// Whether the connection is still open (for sweeps).
+pub fn is_open(st: &ConnState) -> bool {
+    st.phase == Phase::Open
+}

@@ -1,0 +1,233 @@
+//! What one shard owns: its connections, its users' state, its scratch buffers, and the tasks
+//! that run on it (accept loop, inbox, sweeper).
+//!
+//! Invariants:
+//! - Touched only from the shard's own thread (`Rc`/`RefCell`, no locks).
+//! - Timers are not per connection: one sweeper per shard checks heartbeats, idle and token
+//!   deadlines, close deadlines and presence grace every [`SWEEP_INTERVAL`].
+
+use super::{Global, ShardMsg};
+use crate::auth::agent::NonceWindow;
+use crate::connection::{ConnRef, Phase, RoleState};
+use crate::router::{self, UserState};
+use atomic_waker::AtomicWaker;
+use bytes::BytesMut;
+use crossbeam_channel::Receiver;
+use slab::Slab;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub struct ShardCtx {
+    pub idx: usize,
+    pub global: Arc<Global>,
+    pub users: RefCell<HashMap<Rc<str>, Rc<RefCell<UserState>>>>,
+    pub conns: RefCell<Slab<ConnRef>>,
+    /// Connections with output queued during the current batch.
+    pub dirty: RefCell<Vec<ConnRef>>,
+    /// The one receive buffer of this shard.
+    pub scratch: RefCell<BytesMut>,
+    /// Reused by Ed25519 message verification.
+    pub sig_scratch: RefCell<Vec<u8>>,
+    /// Accepted upgrade nonces per agent, with the last time each window was used.
+    nonces: RefCell<HashMap<String, (NonceWindow, u64)>>,
+    now: Cell<Instant>,
+}
+
+impl ShardCtx {
+    pub fn new(idx: usize, global: Arc<Global>) -> Self {
+        ShardCtx {
+            idx,
+            global,
+            users: RefCell::default(),
+            conns: RefCell::new(Slab::new()),
+            dirty: RefCell::default(),
+            scratch: RefCell::new(BytesMut::with_capacity(64 * 1024)),
+            sig_scratch: RefCell::default(),
+            nonces: RefCell::default(),
+            now: Cell::new(Instant::now()),
+        }
+    }
+
+    /// The time at the start of the current batch (one clock read per batch).
+    pub fn now(&self) -> Instant {
+        self.now.get()
+    }
+
+    pub fn refresh_now(&self) -> Instant {
+        let n = Instant::now();
+        self.now.set(n);
+        n
+    }
+
+    /// The user's state, created on first use.
+    pub fn user_entry(&self, user: &str) -> Rc<RefCell<UserState>> {
+        let mut users = self.users.borrow_mut();
+        if let Some(u) = users.get(user) {
+            return u.clone();
+        }
+        let l = &self.global.config.limits;
+        let name: Rc<str> = user.into();
+        let u = Rc::new(RefCell::new(UserState::new(
+            name.clone(),
+            l.messages_per_sec_per_user,
+            l.messages_burst_per_user,
+            self.now(),
+        )));
+        users.insert(name, u.clone());
+        u
+    }
+
+    pub fn user_conn_count(&self, user: &str) -> usize {
+        self.users.borrow().get(user).map_or(0, |u| u.borrow().conns)
+    }
+
+    /// Records `nonce` for `agent_id`; false when it was already accepted (a replay).
+    pub fn check_nonce(&self, agent_id: &str, nonce: &str, now: u64) -> bool {
+        let skew = self.global.config.auth.max_skew_secs;
+        let mut nonces = self.nonces.borrow_mut();
+        let entry = nonces.entry(agent_id.to_string()).or_insert_with(|| (NonceWindow::new(2 * skew), now));
+        entry.1 = now;
+        entry.0.check_and_insert(nonce, now)
+    }
+
+    fn prune_nonces(&self, now: u64) {
+        let keep = 2 * self.global.config.auth.max_skew_secs;
+        self.nonces.borrow_mut().retain(|_, (_, last)| now.saturating_sub(*last) <= keep);
+    }
+
+    /// Heartbeats, idle and token deadlines, close deadlines; then presence grace.
+    fn sweep(&self) {
+        let now = self.refresh_now();
+        let unix = unix_now();
+        let l = &self.global.config.limits;
+        let hb = Duration::from_secs(l.heartbeat_secs);
+        let idle = Duration::from_secs(l.idle_timeout_secs);
+        for (_, conn) in self.conns.borrow().iter() {
+            let mut st = conn.st.borrow_mut();
+            match st.phase {
+                Phase::Closing(deadline) | Phase::FlushThenClose(deadline) if now >= deadline => {
+                    st.phase = Phase::Dead;
+                    conn.notify();
+                    continue;
+                }
+                Phase::Open => {}
+                _ => continue,
+            }
+            if now.duration_since(st.last_rx) >= 2 * hb {
+                st.close(1011, "heartbeat lost", now);
+            } else if now.duration_since(st.last_data) >= idle {
+                st.close(4000, "idle timeout", now);
+            } else {
+                match &mut st.role {
+                    RoleState::Client { exp, warned, .. } => {
+                        if unix >= *exp {
+                            st.close(4001, "token expired", now);
+                        } else if !*warned && *exp - unix <= router::EXPIRY_WARNING_SECS {
+                            *warned = true;
+                            let remaining = *exp - unix;
+                            router::warn_expiry(self, conn, &mut st, remaining);
+                        }
+                    }
+                    RoleState::Agent { expires: Some(e), .. } if unix >= *e => {
+                        st.close(4003, "agent expired", now);
+                    }
+                    RoleState::Agent { .. } => {}
+                }
+                if st.phase == Phase::Open && now.duration_since(st.last_ping) >= hb {
+                    st.last_ping = now;
+                    st.ws.ping();
+                    st.pump_control();
+                }
+            }
+            self.mark_dirty(conn, &mut st);
+        }
+        let users: Vec<_> = self.users.borrow().values().cloned().collect();
+        for u in users {
+            router::expire_grace(self, &u, now);
+            if u.borrow().is_empty() {
+                let name = u.borrow().user.clone();
+                self.users.borrow_mut().remove(&name);
+            }
+        }
+        self.flush_dirty();
+    }
+
+    /// Closes every connection with 1001 and waits (bounded) for them to go.
+    async fn drain(&self, deadline: Instant) {
+        let now = self.refresh_now();
+        for (_, conn) in self.conns.borrow().iter() {
+            let mut st = conn.st.borrow_mut();
+            st.close(1001, "shutting down", now);
+            self.mark_dirty(conn, &mut st);
+        }
+        self.flush_dirty();
+        while !self.conns.borrow().is_empty() && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(20)).await;
+            self.sweep();
+        }
+    }
+}
+
+/// The body of a shard: spawns its tasks, then serves its inbox until told to stop.
+pub async fn shard_main(
+    idx: usize,
+    global: Arc<Global>,
+    listener: std::net::TcpListener,
+    (rx, bell): (Receiver<ShardMsg>, Arc<AtomicWaker>),
+) -> std::io::Result<()> {
+    let listener = monoio::net::TcpListener::from_std(listener)?;
+    let ctx = Rc::new(ShardCtx::new(idx, global.clone()));
+    monoio::spawn(crate::listener::accept_loop(ctx.clone(), listener));
+    let sweeper = ctx.clone();
+    monoio::spawn(async move {
+        let mut ticks = 0u64;
+        loop {
+            monoio::time::sleep(SWEEP_INTERVAL).await;
+            sweeper.sweep();
+            ticks += 1;
+            if ticks % 40 == 0 {
+                sweeper.prune_nonces(unix_now());
+                if sweeper.idx == 0 {
+                    sweeper.global.prune_ip_buckets(Instant::now());
+                }
+            }
+        }
+    });
+    global.shards_accepting.fetch_add(1, Ordering::SeqCst);
+    loop {
+        while let Ok(msg) = rx.try_recv() {
+            ctx.refresh_now();
+            match msg {
+                ShardMsg::Handoff(h) => crate::handshake::finish(&ctx, h),
+                ShardMsg::RevokeAgent { user, agent_id } => router::revoke(&ctx, &user, &agent_id),
+                ShardMsg::Shutdown { deadline } => {
+                    global.shards_accepting.fetch_sub(1, Ordering::SeqCst);
+                    ctx.drain(deadline).await;
+                    return Ok(());
+                }
+            }
+        }
+        ctx.flush_dirty();
+        poll_fn(|cx| {
+            bell.register(cx.waker());
+            if rx.is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+    }
+}

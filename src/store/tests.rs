@@ -1,0 +1,488 @@
+//! Store tests against a real LMDB environment in a temporary directory.
+
+use super::*;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, 32).expect("open store")
+}
+
+fn hmac(store: &Store, user: &str, name: &str) -> (AgentRecord, String) {
+    let (rec, secret) = store.create_agent(user, name, NewCredential::Hmac, None).unwrap();
+    (rec, secret.expect("HMAC agents get a secret"))
+}
+
+#[test]
+fn open_creates_private_dir_and_reopens() {
+    let t = tmp();
+    let dir = t.path().join("a/b/data");
+    assert!(!Store::exists(&dir));
+    let store = open(&dir);
+    assert!(Store::exists(&dir));
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    assert_eq!(store.change_generation().unwrap(), 0);
+    // Opening again in this process hands back the same environment.
+    let again = Store::open(&dir, 0).unwrap();
+    assert!(Arc::ptr_eq(&store.inner, &again.inner));
+    drop((store, again));
+    // And after everything is dropped, a real reopen works (map size 0 = adopt).
+    let store = Store::open(&dir, 0).unwrap();
+    assert_eq!(store.list_agents(None).unwrap(), vec![]);
+}
+
+#[test]
+fn create_get_list_by_user_revoke_generation() {
+    let t = tmp();
+    let store = open(t.path());
+    let (a1, secret) = hmac(&store, "alice", "laptop");
+    assert!(secret.starts_with("sbk_"));
+    assert_eq!(a1.credential, Credential::Hmac { secret: secret.clone() });
+    assert!(ids::is_valid_id(&a1.agent_id));
+    assert_eq!(store.change_generation().unwrap(), 1);
+
+    let key = [7u8; 32];
+    let (a2, none) =
+        store.create_agent("alice", "gateway", NewCredential::Ed25519(key), Some(unix_now() + 3600)).unwrap();
+    assert!(none.is_none());
+    let (b1, _) = hmac(&store, "bob", "daemon");
+    // "alice" must not match a user that merely starts with it.
+    let (ax, _) = hmac(&store, "alicex", "other");
+    assert_eq!(store.change_generation().unwrap(), 4);
+
+    let got = store.get_agent(&a2.agent_id).unwrap().unwrap();
+    assert_eq!(got, a2);
+    assert_eq!(got.credential, Credential::Ed25519 { public_key: key });
+    assert!(got.expires.is_some());
+    assert_eq!(store.get_agent("ag_nope").unwrap(), None);
+    assert_eq!(store.get_agent("").unwrap(), None);
+    assert_eq!(store.get_agent(&"x".repeat(600)).unwrap(), None);
+    assert_eq!(store.get_agent("a b").unwrap(), None);
+
+    let mut alice: Vec<String> =
+        store.agents_of_user("alice").unwrap().into_iter().map(|r| r.agent_id).collect();
+    alice.sort();
+    let mut want = vec![a1.agent_id.clone(), a2.agent_id.clone()];
+    want.sort();
+    assert_eq!(alice, want);
+    assert_eq!(store.agents_of_user("bob").unwrap(), vec![b1.clone()]);
+    assert_eq!(store.agents_of_user("alicex").unwrap(), vec![ax.clone()]);
+    assert_eq!(store.agents_of_user("carol").unwrap(), vec![]);
+    assert_eq!(store.agents_of_user("").unwrap(), vec![]);
+    assert_eq!(store.list_agents(Some("bob")).unwrap(), vec![b1.clone()]);
+
+    let all = store.list_agents(None).unwrap();
+    assert_eq!(all.len(), 4);
+    let users: Vec<&str> = all.iter().map(|r| r.user.as_str()).collect();
+    assert_eq!(users, ["alice", "alice", "alicex", "bob"]);
+
+    assert_eq!(store.revoke_agent(&b1.agent_id).unwrap(), RevokeOutcome::Revoked);
+    assert_eq!(store.change_generation().unwrap(), 5);
+    assert_eq!(store.revoke_agent(&b1.agent_id).unwrap(), RevokeOutcome::AlreadyRevoked);
+    assert_eq!(store.revoke_agent("ag_missing").unwrap(), RevokeOutcome::NotFound);
+    assert_eq!(store.revoke_agent("-weird id").unwrap(), RevokeOutcome::NotFound);
+    assert_eq!(store.change_generation().unwrap(), 5);
+    let b = store.get_agent(&b1.agent_id).unwrap().unwrap();
+    assert!(b.revoked);
+    assert!(b.revoked_at.is_some());
+    assert!(!b.is_usable(unix_now()));
+    // Revoked agents are still listed (the CLI shows them).
+    assert_eq!(store.agents_of_user("bob").unwrap().len(), 1);
+}
+
+#[test]
+fn validation() {
+    let t = tmp();
+    let store = open(t.path());
+    let bad = |user: &str, name: &str| store.create_agent(user, name, NewCredential::Hmac, None).unwrap_err();
+    assert!(matches!(bad("", "n"), StoreError::Invalid { field: "user", .. }));
+    assert!(matches!(bad(&"u".repeat(129), "n"), StoreError::Invalid { field: "user", .. }));
+    assert!(matches!(bad("a\0b", "n"), StoreError::Invalid { field: "user", .. }));
+    assert!(matches!(bad("u", ""), StoreError::Invalid { field: "name", .. }));
+    assert!(matches!(bad("u", &"n".repeat(129)), StoreError::Invalid { field: "name", .. }));
+    assert!(matches!(bad("u", "a\nb"), StoreError::Invalid { field: "name", .. }));
+    // 128 bytes of multi-byte UTF-8 is fine; 129 bytes is not.
+    store.create_agent(&"é".repeat(64), &"n".repeat(128), NewCredential::Hmac, None).unwrap();
+    assert!(matches!(bad(&format!("x{}", "é".repeat(64)), "n"), StoreError::Invalid { .. }));
+    let past = store.create_agent("u", "n", NewCredential::Hmac, Some(1)).unwrap_err();
+    assert!(matches!(past, StoreError::Invalid { field: "expires", .. }));
+    assert_eq!(store.change_generation().unwrap(), 1);
+}
+
+#[test]
+fn usable_and_debug_redacts() {
+    let rec = AgentRecord {
+        agent_id: "ag_x".into(),
+        user: "u".into(),
+        name: "n".into(),
+        credential: Credential::Hmac { secret: "sbk_topsecret".into() },
+        created: 10,
+        expires: Some(100),
+        revoked: false,
+        revoked_at: None,
+        last_connected: None,
+        last_seen: None,
+        last_disconnected: None,
+    };
+    assert!(rec.is_usable(99));
+    assert!(!rec.is_usable(100));
+    assert!(AgentRecord { expires: None, ..rec.clone() }.is_usable(u64::MAX));
+    assert!(!AgentRecord { revoked: true, ..rec.clone() }.is_usable(50));
+    let dbg = format!("{rec:?} {:?}", rec.credential);
+    assert!(!dbg.contains("topsecret"), "{dbg}");
+    assert!(dbg.contains("Hmac(<redacted>)"), "{dbg}");
+    assert_eq!(rec.credential.kind(), "hmac");
+}
+
+#[test]
+fn corrupt_record_error_hides_content() {
+    let t = tmp();
+    let store = open(t.path());
+    let mut wtxn = store.inner.env.write_txn().unwrap();
+    let bad =
+        br#"{"v":1,"user":"u","name":"n","cred":{"kind":"hmac","secret":"sbk_leak"},"created":"sbk_leak2"}"#;
+    store.inner.agents.put(&mut wtxn, "ag_bad", bad).unwrap();
+    wtxn.commit().unwrap();
+    let err = store.get_agent("ag_bad").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Corrupt(_)));
+    assert!(!msg.contains("leak"), "{msg}");
+    // The writer skips it rather than failing the batch.
+    let out = store.apply_batch(&[WriteOp::AgentSeen { agent_id: "ag_bad".into(), at: 5 }]).unwrap();
+    assert_eq!(out, BatchOutcome { applied: 0, skipped: 1 });
+}
+
+#[test]
+fn two_read_txns_on_one_thread() {
+    let t = tmp();
+    let store = open(t.path());
+    let (a, _) = hmac(&store, "alice", "one");
+    let t1 = store.read_txn().unwrap();
+    let t2 = store.read_txn().unwrap();
+    assert!(store.record_in(&t1, &a.agent_id).unwrap().is_some());
+    assert!(store.record_in(&t2, &a.agent_id).unwrap().is_some());
+    // A third one inside a call, while both are alive, and a write that they do not see.
+    assert_eq!(store.get_agent(&a.agent_id).unwrap().unwrap(), a);
+    store.revoke_agent(&a.agent_id).unwrap();
+    assert!(!store.record_in(&t1, &a.agent_id).unwrap().unwrap().revoked);
+    // Read transactions are Send without TLS: finish one on another thread.
+    let s2 = store.clone();
+    let id = a.agent_id.clone();
+    std::thread::scope(|sc| {
+        sc.spawn(move || assert!(!s2.record_in(&t2, &id).unwrap().unwrap().revoked));
+    });
+    drop(t1);
+    assert!(store.get_agent(&a.agent_id).unwrap().unwrap().revoked);
+}
+
+#[test]
+fn apply_batch_merges_ops() {
+    let t = tmp();
+    let store = open(t.path());
+    let (a, _) = hmac(&store, "alice", "one");
+    let id = a.agent_id.clone();
+    let ops = [
+        WriteOp::AgentConnected { agent_id: id.clone(), at: 100 },
+        WriteOp::AgentSeen { agent_id: id.clone(), at: 150 },
+        WriteOp::AgentSeen { agent_id: "ag_gone".into(), at: 150 },
+        WriteOp::AgentSeen { agent_id: id.clone(), at: 120 },
+        WriteOp::AgentDisconnected { agent_id: id.clone(), at: 140 },
+    ];
+    let out = store.apply_batch(&ops).unwrap();
+    assert_eq!(out, BatchOutcome { applied: 4, skipped: 1 });
+    let r = store.get_agent(&id).unwrap().unwrap();
+    assert_eq!((r.last_connected, r.last_seen, r.last_disconnected), (Some(100), Some(150), Some(140)));
+    // Statistics do not bump the generation (nothing for the watcher to do).
+    assert_eq!(store.change_generation().unwrap(), 1);
+}
+
+#[test]
+fn writer_group_commits_and_survives_reopen() {
+    let t = tmp();
+    let store = open(t.path());
+    let (a, _) = hmac(&store, "alice", "one");
+    let (b, _) = hmac(&store, "bob", "two");
+    let writer = spawn_writer(store.clone());
+    let other = writer.clone();
+    for i in 0..2000u64 {
+        assert!(writer.send(WriteOp::AgentSeen { agent_id: a.agent_id.clone(), at: 1000 + i }));
+    }
+    assert!(other.send(WriteOp::AgentConnected { agent_id: b.agent_id.clone(), at: 7 }));
+    assert!(other.send(WriteOp::AgentSeen { agent_id: "ag_unknown".into(), at: 7 }));
+    assert!(writer.flush());
+    let stats = writer.writer_stats();
+    assert_eq!(stats.ops, 2002);
+    assert_eq!(stats.skipped, 1);
+    assert!(stats.batches >= 2, "{stats:?}"); // at most 1025 ops per batch
+    assert!(stats.batches < 2002, "{stats:?}"); // and grouped
+    assert!(stats.last_batch_size > 0);
+    assert_eq!(stats.commit_errors, 0);
+    assert_eq!(store.get_agent(&a.agent_id).unwrap().unwrap().last_seen, Some(2999));
+
+    // Shutdown commits what is still queued (no flush in between).
+    assert!(other.send(WriteOp::AgentDisconnected { agent_id: b.agent_id.clone(), at: 9 }));
+    writer.shutdown();
+    assert!(!other.send(WriteOp::AgentSeen { agent_id: b.agent_id.clone(), at: 10 }));
+    assert!(!other.flush());
+    assert_eq!(other.writer_stats().dropped, 1);
+    drop(other);
+    drop(store);
+
+    let store = Store::open(t.path(), 0).unwrap();
+    let b = store.get_agent(&b.agent_id).unwrap().unwrap();
+    assert_eq!((b.last_connected, b.last_seen, b.last_disconnected), (Some(7), Some(9), Some(9)));
+}
+
+#[test]
+fn writer_never_undoes_a_revocation() {
+    let t = tmp();
+    let store = open(t.path());
+    let (a, _) = hmac(&store, "alice", "one");
+    let writer = spawn_writer(store.clone());
+    writer.send(WriteOp::AgentConnected { agent_id: a.agent_id.clone(), at: 1 });
+    assert!(writer.flush());
+    store.revoke_agent(&a.agent_id).unwrap();
+    writer.send(WriteOp::AgentDisconnected { agent_id: a.agent_id.clone(), at: 2 });
+    writer.shutdown();
+    let r = store.get_agent(&a.agent_id).unwrap().unwrap();
+    assert!(r.revoked);
+    assert_eq!(r.last_disconnected, Some(2));
+}
+
+#[test]
+fn writer_exits_when_all_handles_drop() {
+    let t = tmp();
+    let store = open(t.path());
+    let (a, _) = hmac(&store, "alice", "one");
+    let writer = spawn_writer(store.clone());
+    writer.send(WriteOp::AgentSeen { agent_id: a.agent_id.clone(), at: 42 });
+    let join = writer.take_join_for_test().unwrap();
+    drop(writer);
+    join.join().unwrap();
+    assert_eq!(store.get_agent(&a.agent_id).unwrap().unwrap().last_seen, Some(42));
+}
+
+#[test]
+fn revocation_watcher_reports_new_revocations_once() {
+    let t = tmp();
+    let store = open(t.path());
+    let (old, _) = hmac(&store, "alice", "old");
+    let (a, _) = hmac(&store, "alice", "a");
+    let (b, _) = hmac(&store, "bob", "b");
+    store.revoke_agent(&old.agent_id).unwrap();
+
+    let (tx, rx) = mpsc::channel::<String>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tx = Mutex::new(tx);
+    let watcher = spawn_revocation_watcher(
+        store.clone(),
+        Duration::from_millis(20),
+        move |rec| {
+            assert!(rec.revoked);
+            tx.lock().unwrap().send(rec.agent_id.clone()).unwrap();
+        },
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(60));
+    let t0 = Instant::now();
+    store.revoke_agent(&a.agent_id).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(2)).unwrap(), a.agent_id);
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    // An unrelated change does not report anything again.
+    hmac(&store, "carol", "c");
+    store.revoke_agent(&b.agent_id).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(2)).unwrap(), b.agent_id);
+    hmac(&store, "carol", "d");
+    assert!(rx.recv_timeout(Duration::from_millis(150)).is_err(), "reported twice, or `old` reported");
+    stop.store(true, Ordering::Release);
+    watcher.join().unwrap();
+}
+
+#[test]
+fn revocation_watcher_survives_a_panicking_callback() {
+    let t = tmp();
+    let store = open(t.path());
+    let (a, _) = hmac(&store, "alice", "a");
+    let (b, _) = hmac(&store, "alice", "b");
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx = Mutex::new(tx);
+    let stop = Arc::new(AtomicBool::new(false));
+    let first = a.agent_id.clone();
+    let watcher = spawn_revocation_watcher(
+        store.clone(),
+        Duration::from_millis(10),
+        move |rec| {
+            tx.lock().unwrap().send(rec.agent_id.clone()).unwrap();
+            assert_ne!(rec.agent_id, first, "deliberate panic");
+        },
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(40));
+    store.revoke_agent(&a.agent_id).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(2)).unwrap(), a.agent_id);
+    store.revoke_agent(&b.agent_id).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(2)).unwrap(), b.agent_id);
+    stop.store(true, Ordering::Release);
+    watcher.join().unwrap();
+}
+
+#[test]
+fn data_dir_lock_is_exclusive() {
+    let t = tmp();
+    let dir = t.path().join("data");
+    let lock = DataDirLock::acquire(&dir).unwrap();
+    assert_eq!(lock.path(), dir.join(LOCK_FILE));
+    let err = DataDirLock::acquire(&dir).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }));
+    assert!(err.to_string().contains("another switchboard serve is running on this data dir"));
+    // The store itself still opens (the CLI never takes the lock).
+    open(&dir);
+    drop(lock);
+    let again = DataDirLock::acquire(&dir).unwrap();
+    let pid = std::fs::read_to_string(again.path()).unwrap();
+    assert_eq!(pid.trim(), std::process::id().to_string());
+}
+
+#[test]
+fn jwt_key_created_once_private() {
+    let t = tmp();
+    let dir = t.path().join("data");
+    assert_eq!(read_jwt_key(&dir).unwrap(), None);
+    let (key, path, created) = ensure_jwt_key(&dir).unwrap();
+    assert!(created);
+    assert_eq!(path, dir.join(JWT_KEY_FILE));
+    assert_eq!(key.len(), 43);
+    assert!(key.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'));
+    let raw = std::fs::read(&path).unwrap();
+    assert_eq!(raw.last(), Some(&b'\n'));
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let (again, _, created) = ensure_jwt_key(&dir).unwrap();
+    assert!(!created);
+    assert_eq!(again, key);
+    assert_eq!(read_jwt_key(&dir).unwrap(), Some(key));
+    // No temporary files left behind.
+    let names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names, vec![JWT_KEY_FILE.to_string()]);
+}
+
+#[test]
+fn jwt_key_concurrent_creators_agree() {
+    let t = tmp();
+    let dir = t.path().to_path_buf();
+    let keys: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8).map(|_| s.spawn(|| ensure_jwt_key(&dir).unwrap().0)).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(keys.windows(2).all(|w| w[0] == w[1]));
+}
+
+#[test]
+fn secret_files() {
+    let t = tmp();
+    let p = t.path().join("secret");
+    std::fs::write(&p, b"  \n hunter2 with space \t\r\n").unwrap();
+    assert_eq!(read_secret_file(&p).unwrap(), b"hunter2 with space");
+    std::fs::write(&p, b" \n\t ").unwrap();
+    let err = read_secret_file(&p).unwrap_err();
+    assert!(matches!(err, StoreError::EmptySecret { .. }));
+    let missing = read_secret_file(&t.path().join("nope")).unwrap_err();
+    assert!(missing.to_string().contains("nope"));
+    std::fs::write(t.path().join(JWT_KEY_FILE), b"\n").unwrap();
+    assert!(matches!(read_jwt_key(t.path()), Err(StoreError::EmptySecret { .. })));
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let t = tmp();
+    {
+        let store = open(t.path());
+        let mut wtxn = store.inner.env.write_txn().unwrap();
+        store.inner.meta.put(&mut wtxn, META_SCHEMA, &99u64.to_be_bytes()).unwrap();
+        wtxn.commit().unwrap();
+    }
+    let err = Store::open(t.path(), 0).unwrap_err();
+    assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
+}
+
+/// Runs only when re-executed by `cli_in_another_process_while_daemon_runs`: plays the CLI.
+#[test]
+#[ignore = "helper for a multi-process test"]
+fn child_process_helper() {
+    let Ok(dir) = std::env::var("SB_TEST_CHILD_DIR") else { return };
+    let store = Store::open(Path::new(&dir), 0).unwrap();
+    println!("MAPSIZE={}", store.inner.env.info().map_size);
+    let revoke = std::env::var("SB_TEST_CHILD_REVOKE").unwrap();
+    assert_eq!(store.revoke_agent(&revoke).unwrap(), RevokeOutcome::Revoked);
+    let (rec, _) = hmac(&store, "alice", "from-child");
+    println!("CREATED={}", rec.agent_id);
+}
+
+#[test]
+fn cli_in_another_process_while_daemon_runs() {
+    let t = tmp();
+    let store = Store::open(t.path(), 48).unwrap();
+    let _lock = DataDirLock::acquire(t.path()).unwrap();
+    let (a, _) = hmac(&store, "alice", "a");
+    let writer = spawn_writer(store.clone());
+    writer.send(WriteOp::AgentConnected { agent_id: a.agent_id.clone(), at: 1 });
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx = Mutex::new(tx);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = spawn_revocation_watcher(
+        store.clone(),
+        Duration::from_millis(50),
+        move |rec| tx.lock().unwrap().send(rec.agent_id.clone()).unwrap(),
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "store::tests::child_process_helper",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SB_TEST_CHILD_DIR", t.path())
+        .env("SB_TEST_CHILD_REVOKE", &a.agent_id)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let returned = Instant::now();
+    // The child adopted the daemon's map size.
+    assert!(stdout.contains(&format!("MAPSIZE={}", 48 * 1024 * 1024)), "{stdout}");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(2)).unwrap(), a.agent_id);
+    assert!(returned.elapsed() < Duration::from_secs(2));
+    let created = stdout.lines().find_map(|l| l.strip_prefix("CREATED=")).expect("child printed the id");
+    assert_eq!(store.get_agent(created).unwrap().unwrap().name, "from-child");
+    // The daemon's statistics writer keeps working after the other process's commits.
+    writer.send(WriteOp::AgentDisconnected { agent_id: a.agent_id.clone(), at: 2 });
+    assert!(writer.flush());
+    let r = store.get_agent(&a.agent_id).unwrap().unwrap();
+    assert!(r.revoked);
+    assert_eq!((r.last_connected, r.last_disconnected), (Some(1), Some(2)));
+    stop.store(true, Ordering::Release);
+    watcher.join().unwrap();
+    writer.shutdown();
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+    send_sync::<Store>();
+    send_sync::<WriterHandle>();
+    send_sync::<AgentRecord>();
+    fn send<T: Send>() {}
+    send::<DataDirLock>();
+    send::<StoreError>();
+}
