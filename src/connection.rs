@@ -312,11 +312,14 @@ pub fn register(
 ) -> ConnRef {
     let now = shard.now();
     let cfg = &shard.global.config;
-    let (user_name, ident, role, record) = match who {
+    let (user_name, ident, role) = match who {
         Authenticated::Agent { record, key, .. } => {
-            let ident = Ident::Agent { agent_id: record.agent_id.as_str().into(), conn_id: crate::ids::conn_id().into() };
+            let ident = Ident::Agent {
+                agent_id: record.agent_id.as_str().into(),
+                conn_id: crate::ids::conn_id().into(),
+            };
             let role = RoleState::Agent { key, last_ctr: 0, expires: record.expires };
-            (record.user.clone(), ident, role, Some(record))
+            (record.user.clone(), ident, role)
         }
         Authenticated::Client { claims, bound } => {
             let ident = Ident::Client { session: crate::ids::session_id().into() };
@@ -326,7 +329,7 @@ pub fn register(
                 exp: claims.exp,
                 warned: false,
             };
-            (claims.user, ident, role, None)
+            (claims.user, ident, role)
         }
     };
     let user = shard.user_entry(&user_name);
@@ -369,7 +372,7 @@ pub fn register(
     {
         let mut st = conn.st.borrow_mut();
         st.push_unbudgeted(Bytes::from(response));
-        router::on_open(shard, &conn, &mut st, record.as_ref());
+        router::on_open(shard, &conn, &mut st);
         shard.mark_dirty(&conn, &mut st);
     }
     crate::metrics::conn_opened(conn.role_label());

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use switchboard::config::{Config, Driver};
 
 #[derive(Parser)]
-#[command(name = "switchboard", version, about = "A thread-per-core WebSocket relay between AI agents and their users' clients")]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A thread-per-core WebSocket relay between AI agents and their users' clients"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
