@@ -196,6 +196,14 @@ impl ConnState {
         self.outq.push_back(b);
     }
 
+    /// The deadline already running, or a new one from `now`.
+    fn close_deadline(&self, now: Instant) -> Instant {
+        match self.phase {
+            Phase::Closing(d) | Phase::FlushThenClose(d) => d,
+            _ => now + CLOSE_DEADLINE,
+        }
+    }
+
     /// Starts the close handshake with `code`.
     pub fn close(&mut self, code: u16, reason: &'static str, now: Instant) {
         if self.phase != Phase::Open {
@@ -478,6 +486,10 @@ fn on_readable(shard: &ShardCtx, conn: &ConnRef, ok: bool) {
 fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
     let now = shard.now();
     let mut st = conn.st.borrow_mut();
+    if matches!(st.phase, Phase::FlushThenClose(_) | Phase::Dead) {
+        // Our last words are queued; what the peer still sends is discarded.
+        return;
+    }
     if let Some(chunk) = chunk {
         st.bytes_in += chunk.len() as u64;
         st.ws.feed(chunk);
@@ -506,7 +518,7 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
                 }
             }
             Event::Closed => {
-                st.phase = Phase::FlushThenClose(now + CLOSE_DEADLINE);
+                st.phase = Phase::FlushThenClose(st.close_deadline(now));
                 break;
             }
             Event::Fatal(code) => {
@@ -517,7 +529,7 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
                     _ => "internal error",
                 };
                 st.close(code, reason, now);
-                st.phase = Phase::FlushThenClose(now + CLOSE_DEADLINE);
+                st.phase = Phase::FlushThenClose(st.close_deadline(now));
                 break;
             }
         }

@@ -221,9 +221,11 @@ fn client_send(
 ) {
     let data = m.data.expect("parser requires data in send").get().as_bytes();
     let RoleState::Client { bound, .. } = &st.role else { return };
-    let target: Rc<str> = match (&m.to, bound) {
-        (Some(t), _) => Rc::from(&**t),
-        (None, Some(b)) => b.clone(),
+    // An Rc clone, not a copy of the string: no allocation per message.
+    let bound = bound.clone();
+    let target: &str = match (&m.to, &bound) {
+        (Some(t), _) => t,
+        (None, Some(b)) => b,
         (None, None) => {
             crate::metrics::dropped("bad_frame");
             return error(
@@ -247,12 +249,12 @@ fn client_send(
             return st.close(4029, "message rate abuse", now);
         }
     }
-    if !st.role.can_reach(&target) {
+    if !st.role.can_reach(target) {
         crate::metrics::dropped("not_allowed");
         return error(shard, conn, st, "not_allowed", m.id, "this session cannot reach that agent");
     }
     let user = conn.user.borrow();
-    let agent = user.agents.get(&target).and_then(|s| s.conn.clone());
+    let agent = user.agents.get(target).and_then(|s| s.conn.clone());
     let user_name = user.user.clone();
     drop(user);
     let delivered = match agent {
@@ -264,7 +266,7 @@ fn client_send(
     };
     if !delivered {
         // Not online here: is it this user's agent at all? Only the failure path reads the store.
-        let mine = matches!(shard.global.store.get_agent(&target), Ok(Some(r)) if *r.user == *user_name && r.is_usable(unix_now()));
+        let mine = matches!(shard.global.store.get_agent(target), Ok(Some(r)) if *r.user == *user_name && r.is_usable(unix_now()));
         let (code, msg) = if mine {
             ("offline", "that agent is not connected")
         } else {
