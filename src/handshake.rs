@@ -130,6 +130,14 @@ fn check(
 ) -> Result<Option<Authenticated>, (Refusal, &'static str)> {
     let g = &shard.global;
     let cfg = shard.cfg();
+    if req.endpoint == Endpoint::Healthz && req.method_is_get {
+        // Health answers while draining (503 {"status":"draining"}) and at the cap: that is
+        // its job. It still counts toward the per-IP rate, like every request.
+        if !g.allow_handshake(peer.ip(), Instant::now(), &cfg.limits) {
+            return Err((Refusal::TooManyRequests, "ip_handshake_rate"));
+        }
+        return Ok(None);
+    }
     if g.draining.load(Ordering::Relaxed) {
         return Err((Refusal::Unavailable, "draining"));
     }
@@ -138,9 +146,6 @@ fn check(
     }
     if !g.allow_handshake(peer.ip(), Instant::now(), &cfg.limits) {
         return Err((Refusal::TooManyRequests, "ip_handshake_rate"));
-    }
-    if req.endpoint == Endpoint::Healthz && req.method_is_get {
-        return Ok(None);
     }
     http::check_upgrade(req).map_err(|r| (r, r.reason()))?;
     let now = unix_now();

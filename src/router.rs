@@ -191,11 +191,21 @@ fn agent_send(
                 crate::metrics::dropped("not_allowed");
                 return error(shard, conn, st, "not_allowed", m.id, "that session cannot reach this agent");
             }
-            if shard.deliver(target, &mut tst, frame) == Queued::Closed {
-                drop(tst);
-                drop(user);
-                crate::metrics::dropped("offline");
-                return error(shard, conn, st, "offline", m.id, "no such session");
+            match shard.deliver(target, &mut tst, frame) {
+                Queued::Yes => {}
+                Queued::Closed => {
+                    drop(tst);
+                    drop(user);
+                    crate::metrics::dropped("offline");
+                    return error(shard, conn, st, "offline", m.id, "no such session");
+                }
+                Queued::Overflow => {
+                    // The recipient could not keep up and is being closed (4008): the
+                    // message is lost, so the sender hears it instead of an ack.
+                    drop(tst);
+                    drop(user);
+                    return error(shard, conn, st, "offline", m.id, "the session was closed: too slow to receive");
+                }
             }
         }
         None => {
@@ -263,7 +273,14 @@ fn client_send(
     let delivered = match agent {
         Some(agent) => {
             let mut ast = agent.st.borrow_mut();
-            shard.deliver(&agent, &mut ast, frames::message_to_agent(session, data)) != Queued::Closed
+            match shard.deliver(&agent, &mut ast, frames::message_to_agent(session, data)) {
+                Queued::Yes => true,
+                Queued::Closed => false,
+                Queued::Overflow => {
+                    drop(ast);
+                    return error(shard, conn, st, "offline", m.id, "the agent was closed: too slow to receive");
+                }
+            }
         }
         None => false,
     };
