@@ -50,7 +50,10 @@ fn serve(mut s: TcpStream, global: &Global, handle: &PrometheusHandle) -> std::i
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let draining = global.draining.load(Ordering::Relaxed);
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+        ("GET", "/metrics") => {
+            crate::metrics::record_scrape(&global.writer.writer_stats());
+            ("200 OK", "text/plain; version=0.0.4", handle.render())
+        }
         ("GET", "/healthz") if draining => {
             ("503 Service Unavailable", "application/json", r#"{"status":"draining"}"#.into())
         }

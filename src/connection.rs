@@ -102,6 +102,8 @@ pub struct ConnState {
     pub frames_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Bytes written since the shard last collected them (for its statistics).
+    flushed: u64,
 }
 
 pub struct Conn {
@@ -204,6 +206,11 @@ impl ConnState {
         }
     }
 
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.out_bytes
+    }
+
     /// Starts the close handshake with `code`.
     pub fn close(&mut self, code: u16, reason: &'static str, now: Instant) {
         if self.phase != Phase::Open {
@@ -237,6 +244,7 @@ impl ConnState {
                 Err(e) => return Err(e),
             };
             self.bytes_out += n as u64;
+            self.flushed += n as u64;
             self.out_bytes -= n;
             let mut n = n + self.head_off;
             self.head_off = 0;
@@ -263,6 +271,9 @@ impl ShardCtx {
     pub fn deliver(&self, conn: &ConnRef, st: &mut ConnState, frame: Bytes) -> Queued {
         let budget = self.cfg().limits.send_buffer_bytes;
         let q = st.enqueue(frame, budget, self.now());
+        if q == Queued::Yes {
+            crate::metrics::ShardStats::add(&self.stats.frames_out, 1);
+        }
         self.mark_dirty(conn, st);
         q
     }
@@ -284,7 +295,9 @@ impl ShardCtx {
             if st.want_write || st.phase == Phase::Dead {
                 continue;
             }
-            match st.flush(conn.fd) {
+            let r = st.flush(conn.fd);
+            crate::metrics::ShardStats::add(&self.stats.bytes_out, std::mem::take(&mut st.flushed));
+            match r {
                 Ok(true) => {
                     if matches!(st.phase, Phase::FlushThenClose(_)) {
                         st.phase = Phase::Dead;
@@ -363,6 +376,7 @@ pub fn register(
         frames_out: 0,
         bytes_in: 0,
         bytes_out: 0,
+        flushed: 0,
     };
     let conn = Rc::new(Conn {
         fd: stream.as_raw_fd(),
@@ -493,12 +507,14 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
     }
     if let Some(chunk) = chunk {
         st.bytes_in += chunk.len() as u64;
+        crate::metrics::ShardStats::add(&shard.stats.bytes_in, chunk.len() as u64);
         st.ws.feed(chunk);
     }
     loop {
         match st.ws.next_event() {
             Event::NeedMore => break,
             Event::Text(text) => {
+                crate::metrics::ShardStats::add(&shard.stats.frames_in, 1);
                 st.last_rx = now;
                 st.last_data = now;
                 st.frames_in += 1;
@@ -506,7 +522,10 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
                     router::on_text(shard, conn, &mut st, text.as_bytes(), now);
                 }
             }
-            Event::Control => st.last_rx = now,
+            Event::Control => {
+                crate::metrics::ShardStats::add(&shard.stats.frames_in, 1);
+                st.last_rx = now;
+            }
             Event::Binary => {
                 st.last_rx = now;
                 st.frames_in += 1;

@@ -177,6 +177,7 @@ fn agent_send(
     }
     let frame = frames::message_to_client(agent_id, data);
     let user = conn.user.borrow();
+    let mut deliveries = 0;
     match to {
         Some(session) => {
             let Some(target) = user.sessions.get(session) else {
@@ -192,7 +193,7 @@ fn agent_send(
                 return error(shard, conn, st, "not_allowed", m.id, "that session cannot reach this agent");
             }
             match shard.deliver(target, &mut tst, frame) {
-                Queued::Yes => {}
+                Queued::Yes => deliveries = 1,
                 Queued::Closed => {
                     drop(tst);
                     drop(user);
@@ -204,21 +205,30 @@ fn agent_send(
                     // message is lost, so the sender hears it instead of an ack.
                     drop(tst);
                     drop(user);
-                    return error(shard, conn, st, "offline", m.id, "the session was closed: too slow to receive");
+                    return error(
+                        shard,
+                        conn,
+                        st,
+                        "offline",
+                        m.id,
+                        "the session was closed: too slow to receive",
+                    );
                 }
             }
         }
         None => {
             for target in user.sessions.values() {
                 let mut tst = target.st.borrow_mut();
-                if tst.role.can_reach(agent_id) {
-                    shard.deliver(target, &mut tst, frame.clone());
+                if tst.role.can_reach(agent_id)
+                    && shard.deliver(target, &mut tst, frame.clone()) == Queued::Yes
+                {
+                    deliveries += 1;
                 }
             }
         }
     }
     drop(user);
-    crate::metrics::relayed(shard.idx, now);
+    shard.stats.relayed(now, deliveries);
     if let Some(id) = m.id {
         reply(shard, conn, st, frames::ack(id));
     }
@@ -278,7 +288,14 @@ fn client_send(
                 Queued::Closed => false,
                 Queued::Overflow => {
                     drop(ast);
-                    return error(shard, conn, st, "offline", m.id, "the agent was closed: too slow to receive");
+                    return error(
+                        shard,
+                        conn,
+                        st,
+                        "offline",
+                        m.id,
+                        "the agent was closed: too slow to receive",
+                    );
                 }
             }
         }
@@ -295,7 +312,7 @@ fn client_send(
         crate::metrics::dropped(code);
         return error(shard, conn, st, code, m.id, msg);
     }
-    crate::metrics::relayed(shard.idx, now);
+    shard.stats.relayed(now, 1);
     if let Some(id) = m.id {
         reply(shard, conn, st, frames::ack(id));
     }

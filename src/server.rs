@@ -183,6 +183,13 @@ pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyho
         stop.clone(),
     );
     let uring = global.uring_shards.load(Ordering::Relaxed);
+    crate::metrics::build_info(if uring == n {
+        "io_uring"
+    } else if uring == 0 {
+        "legacy"
+    } else {
+        "mixed"
+    });
     tracing::info!(
         listen = %public, admin = %admin_addr, shards = n,
         driver = if uring == n { "io_uring" } else if uring == 0 { "legacy" } else { "mixed" },

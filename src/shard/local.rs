@@ -44,6 +44,8 @@ pub struct ShardCtx {
     /// Accepted upgrade nonces per agent, with the last time each window was used.
     nonces: RefCell<HashMap<String, (NonceWindow, u64)>>,
     now: Cell<Instant>,
+    pub stats: crate::metrics::ShardStats,
+    metrics: crate::metrics::ShardMetrics,
 }
 
 impl ShardCtx {
@@ -59,6 +61,8 @@ impl ShardCtx {
             sig_scratch: RefCell::default(),
             nonces: RefCell::default(),
             now: Cell::new(Instant::now()),
+            stats: Default::default(),
+            metrics: crate::metrics::ShardMetrics::new(idx),
         }
     }
 
@@ -117,8 +121,10 @@ impl ShardCtx {
             let l = &self.cfg().limits;
             (Duration::from_secs(l.heartbeat_secs), Duration::from_secs(l.idle_timeout_secs))
         };
+        let mut outbound = 0;
         for (_, conn) in self.conns.borrow().iter() {
             let mut st = conn.st.borrow_mut();
+            outbound += st.queued_bytes();
             match st.phase {
                 Phase::Closing(deadline) | Phase::FlushThenClose(deadline) if now >= deadline => {
                     st.phase = Phase::Dead;
@@ -165,6 +171,8 @@ impl ShardCtx {
             }
         }
         self.flush_dirty();
+        self.stats.outbound_bytes.set(outbound as i64);
+        self.metrics.publish(&self.stats, self.global.inboxes[self.idx].depth());
     }
 
     /// Closes every connection with 1001 and waits (bounded) for them to go.
