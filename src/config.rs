@@ -65,6 +65,8 @@ pub struct Server {
     pub store_map_size_mb: usize,
     /// Per-connection tungstenite read buffer; small keeps idle connections cheap.
     pub ws_read_buffer_bytes: usize,
+    /// On SIGTERM, connections get this long to finish their close handshake before exit.
+    pub shutdown_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,6 +160,7 @@ impl Default for Server {
             max_connections: 100_000,
             store_map_size_mb: 1024,
             ws_read_buffer_bytes: 512,
+            shutdown_timeout_secs: 10,
         }
     }
 }
@@ -268,6 +271,9 @@ impl Config {
         }
         if s.shards > 1024 {
             return Err(invalid("server.shards", "must be at most 1024"));
+        }
+        if !(1..=3600).contains(&s.shutdown_timeout_secs) {
+            return Err(invalid("server.shutdown_timeout_secs", "must be between 1 and 3600"));
         }
         if s.store_map_size_mb < 16 {
             return Err(invalid("server.store_map_size_mb", "must be at least 16"));

@@ -15,9 +15,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-/// How long SIGTERM waits for connections to close before exiting anyway.
-pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Builds the JWT verifier from the configuration (generating a key in the data dir when no
 /// key is configured at all).
 pub fn jwt_settings(config: &Config) -> anyhow::Result<JwtSettings> {
@@ -211,7 +208,7 @@ pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyho
     }
     tracing::info!("shutting down: closing connections with 1001");
     global.draining.store(true, Ordering::SeqCst);
-    let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+    let deadline = Instant::now() + Duration::from_secs(global.config().server.shutdown_timeout_secs);
     for inbox in &global.inboxes {
         let _ = inbox.send(ShardMsg::Shutdown { deadline });
     }
