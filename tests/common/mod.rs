@@ -330,6 +330,10 @@ impl Drop for Daemon {
         let crashed = self.child.try_wait().ok().flatten();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The test failed: show what the daemon said (the test harness captures it).
+            eprintln!("---- daemon output ----\n{}---- end of daemon output ----", self.logs());
+        }
         if let Some(status) = crashed {
             if !std::thread::panicking() {
                 panic!("daemon exited during the test ({status}); output:\n{}", self.logs());
