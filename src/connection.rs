@@ -186,9 +186,14 @@ impl ConnState {
     /// budget: they are tiny and bounded by the peer's own input.
     pub fn pump_control(&mut self) {
         if let Some(b) = self.ws.take_output() {
-            self.out_bytes += b.len();
-            self.outq.push_back(b);
+            self.push_unbudgeted(b);
         }
+    }
+
+    /// Queues bytes outside the budget (the 101 response, control frames).
+    fn push_unbudgeted(&mut self, b: Bytes) {
+        self.out_bytes += b.len();
+        self.outq.push_back(b);
     }
 
     /// Starts the close handshake with `code`.
@@ -363,7 +368,7 @@ pub fn register(
     conn.user.borrow_mut().conns += 1;
     {
         let mut st = conn.st.borrow_mut();
-        st.outq.push_back(Bytes::from(response));
+        st.push_unbudgeted(Bytes::from(response));
         router::on_open(shard, &conn, &mut st, record.as_ref());
         shard.mark_dirty(&conn, &mut st);
     }

@@ -6,8 +6,10 @@
 //! - One buffer allocation per frame: room for the longest header is reserved up front, the
 //!   JSON is written after it, the real header is filled in right before the payload and the
 //!   front is skipped (`Buf::advance`, no copy). Recipients share the frame by refcount
-//!   (`Bytes::clone`); nothing is copied per recipient. `message` frames reserve their exact
-//!   size, so even the vector's spare capacity is not wasted on the hot path.
+//!   (`Bytes::clone`); nothing is copied per recipient. (`bytes` adds its small refcount
+//!   header once per frame, when it is first shared.) `message` frames reserve their exact
+//!   size, so no spare capacity is carried on the hot path. Measured (benches/frames.rs):
+//!   ~80 ns for a 64 B message frame, ~150 ns for 1 KiB, ~15-19 ns per extra recipient.
 //! - `data` is copied byte for byte from the sender's frame (see `envelope`): never parsed,
 //!   never re-serialized. The caller passes only bytes that came out of `parse_inbound`.
 //! - Every string that is not a relay id (`user`, agent `name`, error `message`) is
