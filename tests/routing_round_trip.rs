@@ -145,6 +145,10 @@ fn client_messages_reach_the_named_or_bound_agent() {
     expect_msg(&mut ag, &bound.session, &json!("implicit"));
     c.send(None, &json!("nowhere"), Some("u1")).unwrap();
     expect_err(&mut c, "bad_frame", Some("u1"));
+    // A session bound to an agent gets that agent's broadcasts.
+    ag.send(None, &json!("to all of a's"), None).unwrap();
+    expect_msg(&mut c, a.agent_id(), &json!("to all of a's"));
+    expect_msg(&mut bound, a.agent_id(), &json!("to all of a's"));
     assert_pong(&mut ag);
     assert_pong(&mut bg);
 }
