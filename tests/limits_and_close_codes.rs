@@ -64,7 +64,9 @@ fn a_slow_consumer_is_closed_with_4008_and_memory_stays_bounded() {
     rss_peak = rss_peak.max(d.rss_kib());
     assert!(closed_seen, "sent {sent} x 16 KiB to a reader that never reads and its session is still open");
     let grown_mib = rss_peak.saturating_sub(rss_before) / 1024;
-    eprintln!("slow consumer: closed after {sent} x 16 KiB; daemon RSS {rss_before} KiB -> peak {rss_peak} KiB");
+    eprintln!(
+        "slow consumer: closed after {sent} x 16 KiB; daemon RSS {rss_before} KiB -> peak {rss_peak} KiB"
+    );
     assert!(
         grown_mib < 48,
         "daemon RSS grew by {grown_mib} MiB for one slow consumer (sent {sent} x 16 KiB)"
