@@ -10,7 +10,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub fn spawn(listener: TcpListener, global: Arc<Global>, handle: PrometheusHandle) -> std::thread::JoinHandle<()> {
+pub fn spawn(
+    listener: TcpListener,
+    global: Arc<Global>,
+    handle: PrometheusHandle,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("switchboard-admin".into())
         .spawn(move || {
@@ -47,7 +51,9 @@ fn serve(mut s: TcpStream, global: &Global, handle: &PrometheusHandle) -> std::i
     let draining = global.draining.load(Ordering::Relaxed);
     let (status, ctype, body) = match (method, path) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
-        ("GET", "/healthz") if draining => ("503 Service Unavailable", "application/json", r#"{"status":"draining"}"#.into()),
+        ("GET", "/healthz") if draining => {
+            ("503 Service Unavailable", "application/json", r#"{"status":"draining"}"#.into())
+        }
         ("GET", "/healthz") => ("200 OK", "application/json", r#"{"status":"ok"}"#.into()),
         ("GET", "/readyz") => {
             let ready = !draining && global.shards_accepting.load(Ordering::SeqCst) == global.shard_count();
@@ -60,6 +66,10 @@ fn serve(mut s: TcpStream, global: &Global, handle: &PrometheusHandle) -> std::i
         ("GET", _) => ("404 Not Found", "application/json", r#"{"error":"not_found"}"#.into()),
         _ => ("405 Method Not Allowed", "application/json", r#"{"error":"method_not_allowed"}"#.into()),
     };
-    write!(s, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
     s.flush()
 }

@@ -196,6 +196,14 @@ impl ConnState {
         self.outq.push_back(b);
     }
 
+    /// The deadline already running, or a new one from `now`.
+    fn close_deadline(&self, now: Instant) -> Instant {
+        match self.phase {
+            Phase::Closing(d) | Phase::FlushThenClose(d) => d,
+            _ => now + CLOSE_DEADLINE,
+        }
+    }
+
     /// Starts the close handshake with `code`.
     pub fn close(&mut self, code: u16, reason: &'static str, now: Instant) {
         if self.phase != Phase::Open {
@@ -312,11 +320,14 @@ pub fn register(
 ) -> ConnRef {
     let now = shard.now();
     let cfg = &shard.global.config;
-    let (user_name, ident, role, record) = match who {
+    let (user_name, ident, role) = match who {
         Authenticated::Agent { record, key, .. } => {
-            let ident = Ident::Agent { agent_id: record.agent_id.as_str().into(), conn_id: crate::ids::conn_id().into() };
+            let ident = Ident::Agent {
+                agent_id: record.agent_id.as_str().into(),
+                conn_id: crate::ids::conn_id().into(),
+            };
             let role = RoleState::Agent { key, last_ctr: 0, expires: record.expires };
-            (record.user.clone(), ident, role, Some(record))
+            (record.user.clone(), ident, role)
         }
         Authenticated::Client { claims, bound } => {
             let ident = Ident::Client { session: crate::ids::session_id().into() };
@@ -326,7 +337,7 @@ pub fn register(
                 exp: claims.exp,
                 warned: false,
             };
-            (claims.user, ident, role, None)
+            (claims.user, ident, role)
         }
     };
     let user = shard.user_entry(&user_name);
@@ -369,7 +380,7 @@ pub fn register(
     {
         let mut st = conn.st.borrow_mut();
         st.push_unbudgeted(Bytes::from(response));
-        router::on_open(shard, &conn, &mut st, record.as_ref());
+        router::on_open(shard, &conn, &mut st);
         shard.mark_dirty(&conn, &mut st);
     }
     crate::metrics::conn_opened(conn.role_label());
@@ -475,6 +486,10 @@ fn on_readable(shard: &ShardCtx, conn: &ConnRef, ok: bool) {
 fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
     let now = shard.now();
     let mut st = conn.st.borrow_mut();
+    if matches!(st.phase, Phase::FlushThenClose(_) | Phase::Dead) {
+        // Our last words are queued; what the peer still sends is discarded.
+        return;
+    }
     if let Some(chunk) = chunk {
         st.bytes_in += chunk.len() as u64;
         st.ws.feed(chunk);
@@ -503,7 +518,7 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
                 }
             }
             Event::Closed => {
-                st.phase = Phase::FlushThenClose(now + CLOSE_DEADLINE);
+                st.phase = Phase::FlushThenClose(st.close_deadline(now));
                 break;
             }
             Event::Fatal(code) => {
@@ -514,7 +529,7 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
                     _ => "internal error",
                 };
                 st.close(code, reason, now);
-                st.phase = Phase::FlushThenClose(now + CLOSE_DEADLINE);
+                st.phase = Phase::FlushThenClose(st.close_deadline(now));
                 break;
             }
         }

@@ -40,7 +40,7 @@ pub struct Handoff {
 }
 
 pub enum Authenticated {
-    Agent { record: AgentRecord, key: AgentKey, nonce: String },
+    Agent { record: Box<AgentRecord>, key: AgentKey, nonce: String },
     Client { claims: ClientClaims, bound: Option<String> },
 }
 
@@ -167,7 +167,7 @@ fn check(
             if !agent_auth::verify_upgrade(&key, &h) {
                 return Err(unauthorized("bad_signature"));
             }
-            Ok(Some(Authenticated::Agent { record, key, nonce: nonce.to_string() }))
+            Ok(Some(Authenticated::Agent { record: Box::new(record), key, nonce: nonce.to_string() }))
         }
         Endpoint::Client => {
             let token = req.client_token().ok_or(unauthorized("missing_credentials"))?;

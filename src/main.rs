@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use switchboard::config::{Config, Driver};
 
 #[derive(Parser)]
-#[command(name = "switchboard", version, about = "A thread-per-core WebSocket relay between AI agents and their users' clients")]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A thread-per-core WebSocket relay between AI agents and their users' clients"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,9 +58,28 @@ struct ServeArgs {
     /// I/O driver: auto (io_uring, falling back to epoll), uring or legacy [default: auto].
     #[arg(long)]
     driver: Option<Driver>,
-    /// Time allowed for a request head to arrive, in milliseconds [default: 10000].
-    #[arg(long)]
+    /// Time allowed for a request head to arrive: `10s`, `500ms`, `1m` (a bare number is
+    /// seconds) [default: 10s].
+    #[arg(long, value_parser = parse_timeout_ms)]
     handshake_timeout: Option<u64>,
+}
+
+/// Parses `500ms`, `10s`, `1m` or a bare number of seconds into milliseconds.
+fn parse_timeout_ms(s: &str) -> Result<u64, String> {
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (s, 1000)
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
+    match n.checked_mul(mult) {
+        Some(ms) if ms > 0 => Ok(ms),
+        _ => Err(format!("{s:?} must be a positive duration")),
+    }
 }
 
 fn load(args: &ConfigArgs) -> anyhow::Result<Config> {

@@ -14,7 +14,6 @@ use crate::connection::{ConnRef, ConnState, Ident, Phase, Queued, RoleState};
 use crate::protocol::{self, frames, Inbound, Kind};
 use crate::shard::local::{unix_now, ShardCtx};
 use crate::shard::TokenBucket;
-use crate::store::AgentRecord;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -115,7 +114,9 @@ pub fn on_text(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, text: &[u8]
         Kind::Ack => {}
         Kind::Refresh => refresh(shard, conn, st, &inbound),
         Kind::Send => match &conn.ident {
-            Ident::Agent { agent_id, conn_id } => agent_send(shard, conn, st, &inbound, agent_id, conn_id, now),
+            Ident::Agent { agent_id, conn_id } => {
+                agent_send(shard, conn, st, &inbound, agent_id, conn_id, now)
+            }
             Ident::Client { session } => client_send(shard, conn, st, &inbound, session, now),
         },
     }
@@ -137,8 +138,15 @@ fn agent_send(
         let verdict = match (&m.ctr, m.sig) {
             (Some(ctr), Some(sig)) if ctr.value > *last_ctr => {
                 let mut scratch = shard.sig_scratch.borrow_mut();
-                if crate::auth::agent::verify_message(key, conn_id, ctr.decimal, to.unwrap_or(""), data, sig, &mut scratch)
-                {
+                if crate::auth::agent::verify_message(
+                    key,
+                    conn_id,
+                    ctr.decimal,
+                    to.unwrap_or(""),
+                    data,
+                    sig,
+                    &mut scratch,
+                ) {
                     *last_ctr = ctr.value;
                     None
                 } else {
@@ -213,12 +221,21 @@ fn client_send(
 ) {
     let data = m.data.expect("parser requires data in send").get().as_bytes();
     let RoleState::Client { bound, .. } = &st.role else { return };
-    let target: Rc<str> = match (&m.to, bound) {
-        (Some(t), _) => Rc::from(&**t),
-        (None, Some(b)) => b.clone(),
+    // An Rc clone, not a copy of the string: no allocation per message.
+    let bound = bound.clone();
+    let target: &str = match (&m.to, &bound) {
+        (Some(t), _) => t,
+        (None, Some(b)) => b,
         (None, None) => {
             crate::metrics::dropped("bad_frame");
-            return error(shard, conn, st, "bad_frame", m.id, "\"to\" is required: this session is not bound to an agent");
+            return error(
+                shard,
+                conn,
+                st,
+                "bad_frame",
+                m.id,
+                "\"to\" is required: this session is not bound to an agent",
+            );
         }
     };
     match take_rate(shard, conn, now) {
@@ -232,12 +249,12 @@ fn client_send(
             return st.close(4029, "message rate abuse", now);
         }
     }
-    if !st.role.can_reach(&target) {
+    if !st.role.can_reach(target) {
         crate::metrics::dropped("not_allowed");
         return error(shard, conn, st, "not_allowed", m.id, "this session cannot reach that agent");
     }
     let user = conn.user.borrow();
-    let agent = user.agents.get(&target).and_then(|s| s.conn.clone());
+    let agent = user.agents.get(target).and_then(|s| s.conn.clone());
     let user_name = user.user.clone();
     drop(user);
     let delivered = match agent {
@@ -249,9 +266,12 @@ fn client_send(
     };
     if !delivered {
         // Not online here: is it this user's agent at all? Only the failure path reads the store.
-        let mine = matches!(shard.global.store.get_agent(&target), Ok(Some(r)) if *r.user == *user_name && r.is_usable(unix_now()));
-        let (code, msg) =
-            if mine { ("offline", "that agent is not connected") } else { ("not_allowed", "no such agent for this user") };
+        let mine = matches!(shard.global.store.get_agent(target), Ok(Some(r)) if *r.user == *user_name && r.is_usable(unix_now()));
+        let (code, msg) = if mine {
+            ("offline", "that agent is not connected")
+        } else {
+            ("not_allowed", "no such agent for this user")
+        };
         crate::metrics::dropped(code);
         return error(shard, conn, st, code, m.id, msg);
     }
@@ -268,11 +288,20 @@ fn refresh(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, m: &Inbound) {
     let token = m.token.as_deref().unwrap_or("");
     let claims = match shard.global.jwt().verify(token) {
         Ok(c) if *c.user == *conn.user.borrow().user => c,
-        _ => return error(shard, conn, st, "unauthorized", m.id, "refresh refused; the session is unchanged"),
+        _ => {
+            return error(shard, conn, st, "unauthorized", m.id, "refresh refused; the session is unchanged")
+        }
     };
     if let (Some(b), Some(a)) = (bound, &claims.agents) {
         if !a.iter().any(|x| **x == **b) {
-            return error(shard, conn, st, "unauthorized", m.id, "the new token does not allow the bound agent");
+            return error(
+                shard,
+                conn,
+                st,
+                "unauthorized",
+                m.id,
+                "the new token does not allow the bound agent",
+            );
         }
     }
     let remaining = claims.exp.saturating_sub(unix_now());
@@ -292,7 +321,7 @@ pub fn warn_expiry(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, remaini
 }
 
 /// A new connection on its home shard: welcome, then tell the others.
-pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, record: Option<&AgentRecord>) {
+pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState) {
     let hb = shard.global.config.limits.heartbeat_secs;
     let now = shard.now();
     match &conn.ident {
@@ -309,7 +338,10 @@ pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, record: Opt
                     false
                 }
                 None => {
-                    user.agents.insert(agent_id.clone(), AgentSlot { conn: Some(conn.clone()), offline_since: None });
+                    user.agents.insert(
+                        agent_id.clone(),
+                        AgentSlot { conn: Some(conn.clone()), offline_since: None },
+                    );
                     true
                 }
             };
@@ -329,7 +361,6 @@ pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, record: Opt
             let welcome = frames::welcome_agent(conn_id, agent_id, &user.user, &names, hb);
             drop(user);
             shard.deliver(conn, st, welcome);
-            let _ = record;
         }
         Ident::Client { session } => {
             let mut user = conn.user.borrow_mut();
@@ -339,7 +370,9 @@ pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, record: Opt
             let reachable: Vec<(&str, &str, bool)> = records
                 .iter()
                 .filter(|r| r.is_usable(unix) && st.role.can_reach(&r.agent_id))
-                .map(|r| (r.agent_id.as_str(), r.name.as_str(), user.agents.contains_key(r.agent_id.as_str())))
+                .map(|r| {
+                    (r.agent_id.as_str(), r.name.as_str(), user.agents.contains_key(r.agent_id.as_str()))
+                })
                 .collect();
             let welcome = frames::welcome_client(session, &user.user, &reachable, hb);
             for (id, slot) in user.agents.iter() {

@@ -23,7 +23,9 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn jwt_settings(config: &Config) -> anyhow::Result<JwtSettings> {
     let j = &config.jwt;
     let hs256_secret = match &j.hs256_secret_file {
-        Some(f) => Some(store::read_secret_file(f).with_context(|| format!("jwt.hs256_secret_file {}", f.display()))?),
+        Some(f) => Some(
+            store::read_secret_file(f).with_context(|| format!("jwt.hs256_secret_file {}", f.display()))?,
+        ),
         None if j.public_keys.is_empty() => {
             let (key, path, created) = store::ensure_jwt_key(&config.server.data_dir)?;
             if created {
@@ -37,7 +39,8 @@ pub fn jwt_settings(config: &Config) -> anyhow::Result<JwtSettings> {
     };
     let mut public_keys = Vec::new();
     for k in &j.public_keys {
-        let pem = std::fs::read(&k.file).with_context(|| format!("jwt.public_keys file {}", k.file.display()))?;
+        let pem =
+            std::fs::read(&k.file).with_context(|| format!("jwt.public_keys file {}", k.file.display()))?;
         public_keys.push((k.alg.clone(), pem));
     }
     Ok(JwtSettings {

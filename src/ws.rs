@@ -162,9 +162,7 @@ pub fn recv(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
     // SAFETY: recv writes at most spare.len() bytes into memory we own; set_len covers
     // exactly what it wrote.
-    let n = cvt(unsafe {
-        libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT)
-    })?;
+    let n = cvt(unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) })?;
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
 }

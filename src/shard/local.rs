@@ -10,9 +10,7 @@ use super::{Global, ShardMsg};
 use crate::auth::agent::NonceWindow;
 use crate::connection::{ConnRef, Phase, RoleState};
 use crate::router::{self, UserState};
-use atomic_waker::AtomicWaker;
 use bytes::BytesMut;
-use crossbeam_channel::Receiver;
 use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -185,7 +183,7 @@ pub async fn shard_main(
     idx: usize,
     global: Arc<Global>,
     listener: std::net::TcpListener,
-    (rx, bell): (Receiver<ShardMsg>, Arc<AtomicWaker>),
+    (rx, bell): super::InboxRx,
 ) -> std::io::Result<()> {
     let listener = monoio::net::TcpListener::from_std(listener)?;
     let ctx = Rc::new(ShardCtx::new(idx, global.clone()));

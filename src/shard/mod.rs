@@ -97,9 +97,10 @@ impl Global {
     /// Takes one handshake token for `ip`; false means 429.
     pub fn allow_handshake(&self, ip: IpAddr, now: Instant) -> bool {
         let l = &self.config.limits;
-        let mut b = self.ip_buckets.entry(ip).or_insert_with(|| {
-            TokenBucket::new(l.handshakes_per_sec_per_ip, l.handshakes_burst_per_ip, now)
-        });
+        let mut b = self
+            .ip_buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(l.handshakes_per_sec_per_ip, l.handshakes_burst_per_ip, now));
         b.take(now)
     }
 
@@ -149,8 +150,11 @@ impl TokenBucket {
     }
 }
 
+/// The receiving end of a shard's inbox: the channel and the doorbell it awaits.
+pub type InboxRx = (Receiver<ShardMsg>, Arc<AtomicWaker>);
+
 /// Creates the channels: the senders go into [`Global`], each receiver to its shard.
-pub fn channels(n: usize) -> (Vec<Inbox>, Vec<(Receiver<ShardMsg>, Arc<AtomicWaker>)>) {
+pub fn channels(n: usize) -> (Vec<Inbox>, Vec<InboxRx>) {
     (0..n)
         .map(|_| {
             let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
@@ -199,7 +203,7 @@ pub fn run(
     idx: usize,
     global: Arc<Global>,
     listener: std::net::TcpListener,
-    inbox: (Receiver<ShardMsg>, Arc<AtomicWaker>),
+    inbox: InboxRx,
 ) -> std::io::Result<()> {
     let driver = global.config.server.driver;
     if want_uring(driver) {
