@@ -28,6 +28,11 @@ fn a_frame_over_max_frame_bytes_closes_with_1009() {
     assert_eq!(expect_close(&mut c, WAIT).0, 1009);
     ag.send(None, &json!(big), None).unwrap();
     assert_eq!(expect_close(&mut ag, WAIT).0, 1009);
+    // Fragments each under the limit that add up to more are one message over it.
+    let mut c2 = d.client(&d.token("u1", &[], "1h"), None);
+    let frame = format!(r#"{{"type":"send","to":"{}","data":"{big}"}}"#, a.agent_id());
+    c2.ws.send_fragmented_text(&frame, 4).unwrap();
+    assert_eq!(expect_close(&mut c2, WAIT).0, 1009);
 }
 
 #[test]

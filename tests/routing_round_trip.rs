@@ -326,3 +326,31 @@ fn protocol_pings_are_answered_on_both_sides() {
         assert_pong(&mut c);
     }
 }
+
+#[test]
+fn a_fragmented_message_is_reassembled() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let mut c = d.client(&d.token("u1", &[], "1h"), None);
+    expect_type(&mut ag, "session");
+    let frame = format!(
+        r#"{{"type":"send","to":"{}","data":{{"parts":"in five frames"}},"id":"frag"}}"#,
+        a.agent_id()
+    );
+    c.ws.send_fragmented_text(&frame, 5).unwrap();
+    expect_ack(&mut c, "frag");
+    expect_msg(&mut ag, &c.session, &json!({"parts": "in five frames"}));
+}
+
+#[test]
+fn a_close_from_the_peer_is_answered_with_a_close() {
+    // RFC 6455 §5.5.1: the relay echoes the close; the spec's 1000 is "normal".
+    let d = Daemon::start_default();
+    let mut c = d.client(&d.token("u1", &[], "1h"), None);
+    c.ws.close();
+    match c.recv(WAIT) {
+        switchboard::client::Event::Close { code, .. } => assert_eq!(code, 1000),
+        other => panic!("expected the relay's close answer, got {other:?}"),
+    }
+}
