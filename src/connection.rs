@@ -261,7 +261,8 @@ impl ShardCtx {
     /// Queues `frame` on `conn` (whose state the caller has borrowed as `st`) and schedules
     /// a flush at the end of the current batch.
     pub fn deliver(&self, conn: &ConnRef, st: &mut ConnState, frame: Bytes) -> Queued {
-        let q = st.enqueue(frame, self.global.config.limits.send_buffer_bytes, self.now());
+        let budget = self.cfg().limits.send_buffer_bytes;
+        let q = st.enqueue(frame, budget, self.now());
         self.mark_dirty(conn, st);
         q
     }
@@ -319,7 +320,7 @@ pub fn register(
     leftover: Vec<u8>,
 ) -> ConnRef {
     let now = shard.now();
-    let cfg = &shard.global.config;
+    let cfg = shard.cfg().clone();
     let (user_name, ident, role) = match who {
         Authenticated::Agent { record, key, .. } => {
             let ident = Ident::Agent {

@@ -47,9 +47,11 @@ pub enum Authenticated {
 /// Handles one accepted socket up to the handoff.
 pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, slot: ConnSlot) {
     let started = Instant::now();
-    let cfg = &shard.global.config.server;
-    let deadline = started + Duration::from_millis(cfg.handshake_timeout_ms);
-    let max_head = cfg.max_head_bytes;
+    let (timeout_ms, max_head) = {
+        let cfg = shard.cfg();
+        (cfg.server.handshake_timeout_ms, cfg.server.max_head_bytes)
+    };
+    let deadline = started + Duration::from_millis(timeout_ms);
     let fd = stream.as_raw_fd();
     let mut buf = BytesMut::with_capacity(1024);
     let req = loop {
@@ -127,17 +129,23 @@ fn check(
     peer: SocketAddr,
 ) -> Result<Option<Authenticated>, (Refusal, &'static str)> {
     let g = &shard.global;
+    let cfg = shard.cfg();
+    if req.endpoint == Endpoint::Healthz && req.method_is_get {
+        // Health answers while draining (503 {"status":"draining"}) and at the cap: that is
+        // its job. It still counts toward the per-IP rate, like every request.
+        if !g.allow_handshake(peer.ip(), Instant::now(), &cfg.limits) {
+            return Err((Refusal::TooManyRequests, "ip_handshake_rate"));
+        }
+        return Ok(None);
+    }
     if g.draining.load(Ordering::Relaxed) {
         return Err((Refusal::Unavailable, "draining"));
     }
-    if g.open_conns.load(Ordering::Relaxed) > g.config.server.max_connections {
+    if g.open_conns.load(Ordering::Relaxed) > cfg.server.max_connections {
         return Err((Refusal::Unavailable, "global_connection_cap"));
     }
-    if !g.allow_handshake(peer.ip(), Instant::now()) {
+    if !g.allow_handshake(peer.ip(), Instant::now(), &cfg.limits) {
         return Err((Refusal::TooManyRequests, "ip_handshake_rate"));
-    }
-    if req.endpoint == Endpoint::Healthz && req.method_is_get {
-        return Ok(None);
     }
     http::check_upgrade(req).map_err(|r| (r, r.reason()))?;
     let now = unix_now();
@@ -150,7 +158,7 @@ fn check(
                 return Err(unauthorized("missing_credentials"));
             };
             let h = UpgradeHeaders { agent_id, timestamp, nonce, signature };
-            agent_auth::check_upgrade_syntax(&h, now, g.config.auth.max_skew_secs)
+            agent_auth::check_upgrade_syntax(&h, now, cfg.auth.max_skew_secs)
                 .map_err(|e| unauthorized(e.reason()))?;
             let record = match g.store.get_agent(agent_id) {
                 Ok(Some(r)) => r,
@@ -204,7 +212,6 @@ pub fn finish(shard: &Rc<ShardCtx>, h: Box<Handoff>) {
     let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
     let Ok(stream) = TcpStream::from_std(std_stream) else { return };
     let _ = stream.set_nodelay(true);
-    let g = &shard.global;
     let user = match &who {
         Authenticated::Agent { record, .. } => record.user.as_str(),
         Authenticated::Client { claims, .. } => claims.user.as_str(),
@@ -215,7 +222,7 @@ pub fn finish(shard: &Rc<ShardCtx>, h: Box<Handoff>) {
             return;
         }
     }
-    if shard.user_conn_count(user) >= g.config.limits.max_connections_per_user {
+    if shard.user_conn_count(user) >= shard.cfg().limits.max_connections_per_user {
         monoio::spawn(refuse(stream, peer, Refusal::TooManyRequests, "user_connection_cap"));
         return;
     }

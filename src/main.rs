@@ -86,35 +86,41 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
     Ok(Config::load(args.config.as_deref())?)
 }
 
+/// The configuration for `serve`: file and environment, then the flags on top.
+fn serve_config(a: &ServeArgs) -> anyhow::Result<Config> {
+    let mut c = load(&a.config)?;
+    if let Some(v) = a.listen {
+        c.server.listen = v;
+    }
+    if let Some(v) = a.admin_listen {
+        c.server.admin_listen = v;
+    }
+    if let Some(v) = &a.data_dir {
+        c.server.data_dir = v.clone();
+    }
+    if let Some(v) = &a.jwt_hs256_secret_file {
+        c.jwt.hs256_secret_file = Some(v.clone());
+    }
+    if let Some(v) = a.shards {
+        c.server.shards = v;
+    }
+    if let Some(v) = a.driver {
+        c.server.driver = v;
+    }
+    if let Some(v) = a.handshake_timeout {
+        c.server.handshake_timeout_ms = v;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(a) => {
-            let mut c = load(&a.config)?;
-            if let Some(v) = a.listen {
-                c.server.listen = v;
-            }
-            if let Some(v) = a.admin_listen {
-                c.server.admin_listen = v;
-            }
-            if let Some(v) = a.data_dir {
-                c.server.data_dir = v;
-            }
-            if let Some(v) = a.jwt_hs256_secret_file {
-                c.jwt.hs256_secret_file = Some(v);
-            }
-            if let Some(v) = a.shards {
-                c.server.shards = v;
-            }
-            if let Some(v) = a.driver {
-                c.server.driver = v;
-            }
-            if let Some(v) = a.handshake_timeout {
-                c.server.handshake_timeout_ms = v;
-            }
-            c.validate()?;
+            let c = serve_config(&a)?;
             switchboard::logging::init(&c.log.level);
-            switchboard::server::serve(c)
+            switchboard::server::serve(c, move || serve_config(&a))
         }
         Command::Agent(cmd) => switchboard::cli::run_agent(cmd),
         Command::Token(args) => switchboard::cli::run_token(args),

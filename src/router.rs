@@ -41,13 +41,13 @@ pub struct UserState {
 }
 
 impl UserState {
-    pub fn new(user: Rc<str>, rate: u32, burst: u32, now: Instant) -> Self {
+    pub fn new(user: Rc<str>, burst: u32, now: Instant) -> Self {
         UserState {
             user,
             agents: HashMap::new(),
             sessions: HashMap::new(),
             conns: 0,
-            bucket: TokenBucket::new(rate, burst, now),
+            bucket: TokenBucket::new(burst, now),
             over_since: None,
             last_limited: None,
         }
@@ -67,8 +67,10 @@ enum Rate {
 }
 
 fn take_rate(shard: &ShardCtx, conn: &ConnRef, now: Instant) -> Rate {
+    let cfg = shard.cfg();
+    let l = &cfg.limits;
     let mut u = conn.user.borrow_mut();
-    if u.bucket.take(now) {
+    if u.bucket.take(now, l.messages_per_sec_per_user, l.messages_burst_per_user) {
         if u.last_limited.is_some_and(|t| now.duration_since(t) > Duration::from_secs(1)) {
             u.over_since = None;
         }
@@ -80,7 +82,7 @@ fn take_rate(shard: &ShardCtx, conn: &ConnRef, now: Instant) -> Rate {
         u.over_since = Some(now);
     }
     u.last_limited = Some(now);
-    let abuse = Duration::from_secs(shard.global.config.limits.rate_abuse_close_secs);
+    let abuse = Duration::from_secs(l.rate_abuse_close_secs);
     if u.over_since.is_some_and(|s| now.duration_since(s) >= abuse) {
         Rate::Abuse
     } else {
@@ -133,7 +135,8 @@ fn agent_send(
 ) {
     let data = m.data.expect("parser requires data in send").get().as_bytes();
     let to = m.to.as_deref();
-    if shard.global.config.auth.agent_message_signatures == crate::config::MessageSignatures::Required {
+    let required = shard.cfg().auth.agent_message_signatures == crate::config::MessageSignatures::Required;
+    if required {
         let RoleState::Agent { key, last_ctr, .. } = &mut st.role else { return };
         let verdict = match (&m.ctr, m.sig) {
             (Some(ctr), Some(sig)) if ctr.value > *last_ctr => {
@@ -188,11 +191,21 @@ fn agent_send(
                 crate::metrics::dropped("not_allowed");
                 return error(shard, conn, st, "not_allowed", m.id, "that session cannot reach this agent");
             }
-            if shard.deliver(target, &mut tst, frame) == Queued::Closed {
-                drop(tst);
-                drop(user);
-                crate::metrics::dropped("offline");
-                return error(shard, conn, st, "offline", m.id, "no such session");
+            match shard.deliver(target, &mut tst, frame) {
+                Queued::Yes => {}
+                Queued::Closed => {
+                    drop(tst);
+                    drop(user);
+                    crate::metrics::dropped("offline");
+                    return error(shard, conn, st, "offline", m.id, "no such session");
+                }
+                Queued::Overflow => {
+                    // The recipient could not keep up and is being closed (4008): the
+                    // message is lost, so the sender hears it instead of an ack.
+                    drop(tst);
+                    drop(user);
+                    return error(shard, conn, st, "offline", m.id, "the session was closed: too slow to receive");
+                }
             }
         }
         None => {
@@ -260,7 +273,14 @@ fn client_send(
     let delivered = match agent {
         Some(agent) => {
             let mut ast = agent.st.borrow_mut();
-            shard.deliver(&agent, &mut ast, frames::message_to_agent(session, data)) != Queued::Closed
+            match shard.deliver(&agent, &mut ast, frames::message_to_agent(session, data)) {
+                Queued::Yes => true,
+                Queued::Closed => false,
+                Queued::Overflow => {
+                    drop(ast);
+                    return error(shard, conn, st, "offline", m.id, "the agent was closed: too slow to receive");
+                }
+            }
         }
         None => false,
     };
@@ -322,7 +342,7 @@ pub fn warn_expiry(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, remaini
 
 /// A new connection on its home shard: welcome, then tell the others.
 pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState) {
-    let hb = shard.global.config.limits.heartbeat_secs;
+    let hb = shard.cfg().limits.heartbeat_secs;
     let now = shard.now();
     match &conn.ident {
         Ident::Agent { agent_id, conn_id } => {
@@ -409,7 +429,7 @@ pub fn on_close(shard: &ShardCtx, conn: &ConnRef) {
                     slot.offline_since = Some(now);
                 }
             }
-            if shard.global.config.presence.offline_grace_ms == 0 {
+            if shard.cfg().presence.offline_grace_ms == 0 {
                 drop(user);
                 expire_grace(shard, &conn.user, now);
                 user = conn.user.borrow_mut();
@@ -439,7 +459,7 @@ pub fn on_close(shard: &ShardCtx, conn: &ConnRef) {
 
 /// Announces agents whose offline grace has run out, and forgets them.
 pub fn expire_grace(shard: &ShardCtx, user: &Rc<std::cell::RefCell<UserState>>, now: Instant) {
-    let grace = Duration::from_millis(shard.global.config.presence.offline_grace_ms);
+    let grace = Duration::from_millis(shard.cfg().presence.offline_grace_ms);
     let mut u = user.borrow_mut();
     let gone: Vec<Rc<str>> = u
         .agents

@@ -73,7 +73,53 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
-pub fn serve(config: Config) -> anyhow::Result<()> {
+/// Applies a new configuration (SIGHUP): JWT keys, limits, auth and presence settings and
+/// the log level take effect at once; listeners, data dir, shard count and driver need a
+/// restart and keep their running values. A configuration that does not load or validate,
+/// or whose keys do not load, is refused and the old one stays.
+fn reload(global: &Global, load: &dyn Fn() -> anyhow::Result<Config>) -> anyhow::Result<()> {
+    let mut new = load()?;
+    new.validate()?;
+    let old = global.config();
+    let fixed = |a: &crate::config::Server, b: &crate::config::Server| {
+        a.listen == b.listen
+            && a.admin_listen == b.admin_listen
+            && a.data_dir == b.data_dir
+            && a.shards == b.shards
+            && a.driver == b.driver
+            && a.store_map_size_mb == b.store_map_size_mb
+    };
+    if !fixed(&old.server, &new.server) {
+        tracing::warn!("listen, admin_listen, data_dir, shards, driver and store_map_size_mb need a restart; keeping the running values");
+        new.server.listen = old.server.listen;
+        new.server.admin_listen = old.server.admin_listen;
+        new.server.data_dir = old.server.data_dir.clone();
+        new.server.shards = old.server.shards;
+        new.server.driver = old.server.driver;
+        new.server.store_map_size_mb = old.server.store_map_size_mb;
+    }
+    let jwt = JwtVerifier::new(&jwt_settings(&new)?)?;
+    crate::logging::set_level(&new.log.level).map_err(|e| anyhow::anyhow!("log.level: {e}"))?;
+    let new = Arc::new(new);
+    *global.config.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+    *global.jwt.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(jwt);
+    for inbox in &global.inboxes {
+        let mut msg = ShardMsg::Reload(new.clone());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Err(m) = inbox.send(msg) {
+            if Instant::now() > deadline {
+                bail!("a shard's inbox stayed full; that shard keeps the old limits");
+            }
+            msg = m;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. `load` re-reads the configuration (file,
+/// environment, flags) on SIGHUP.
+pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyhow::Result<()> {
     config.validate()?;
     let sigset = block_signals();
     let data_dir = &config.server.data_dir;
@@ -91,7 +137,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let writer = store::spawn_writer(store.clone());
     let (inboxes, receivers) = shard::channels(n);
     let global = Arc::new(Global {
-        config: config.clone(),
+        config: RwLock::new(Arc::new(config.clone())),
         store: store.clone(),
         writer: writer.clone(),
         jwt: RwLock::new(Arc::new(jwt)),
@@ -146,7 +192,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     loop {
         let sig = wait_signal(&sigset);
         if sig == libc::SIGHUP {
-            tracing::info!("SIGHUP: configuration reload is not supported yet; ignoring");
+            match reload(&global, &load) {
+                Ok(()) => tracing::info!("SIGHUP: configuration reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: configuration refused; the old one stays")
+                }
+            }
             continue;
         }
         break;

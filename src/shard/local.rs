@@ -8,6 +8,7 @@
 
 use super::{Global, ShardMsg};
 use crate::auth::agent::NonceWindow;
+use crate::config::Config;
 use crate::connection::{ConnRef, Phase, RoleState};
 use crate::router::{self, UserState};
 use bytes::BytesMut;
@@ -30,6 +31,8 @@ pub fn unix_now() -> u64 {
 pub struct ShardCtx {
     pub idx: usize,
     pub global: Arc<Global>,
+    /// This shard's copy of the configuration in force (replaced by [`ShardMsg::Reload`]).
+    cfg: RefCell<Arc<Config>>,
     pub users: RefCell<HashMap<Rc<str>, Rc<RefCell<UserState>>>>,
     pub conns: RefCell<Slab<ConnRef>>,
     /// Connections with output queued during the current batch.
@@ -47,6 +50,7 @@ impl ShardCtx {
     pub fn new(idx: usize, global: Arc<Global>) -> Self {
         ShardCtx {
             idx,
+            cfg: RefCell::new(global.config()),
             global,
             users: RefCell::default(),
             conns: RefCell::new(Slab::new()),
@@ -56,6 +60,11 @@ impl ShardCtx {
             nonces: RefCell::default(),
             now: Cell::new(Instant::now()),
         }
+    }
+
+    /// The configuration in force on this shard.
+    pub fn cfg(&self) -> std::cell::Ref<'_, Arc<Config>> {
+        self.cfg.borrow()
     }
 
     /// The time at the start of the current batch (one clock read per batch).
@@ -75,14 +84,9 @@ impl ShardCtx {
         if let Some(u) = users.get(user) {
             return u.clone();
         }
-        let l = &self.global.config.limits;
+        let burst = self.cfg().limits.messages_burst_per_user;
         let name: Rc<str> = user.into();
-        let u = Rc::new(RefCell::new(UserState::new(
-            name.clone(),
-            l.messages_per_sec_per_user,
-            l.messages_burst_per_user,
-            self.now(),
-        )));
+        let u = Rc::new(RefCell::new(UserState::new(name.clone(), burst, self.now())));
         users.insert(name, u.clone());
         u
     }
@@ -93,7 +97,7 @@ impl ShardCtx {
 
     /// Records `nonce` for `agent_id`; false when it was already accepted (a replay).
     pub fn check_nonce(&self, agent_id: &str, nonce: &str, now: u64) -> bool {
-        let skew = self.global.config.auth.max_skew_secs;
+        let skew = self.cfg().auth.max_skew_secs;
         let mut nonces = self.nonces.borrow_mut();
         let entry = nonces.entry(agent_id.to_string()).or_insert_with(|| (NonceWindow::new(2 * skew), now));
         entry.1 = now;
@@ -101,7 +105,7 @@ impl ShardCtx {
     }
 
     fn prune_nonces(&self, now: u64) {
-        let keep = 2 * self.global.config.auth.max_skew_secs;
+        let keep = 2 * self.cfg().auth.max_skew_secs;
         self.nonces.borrow_mut().retain(|_, (_, last)| now.saturating_sub(*last) <= keep);
     }
 
@@ -109,9 +113,10 @@ impl ShardCtx {
     fn sweep(&self) {
         let now = self.refresh_now();
         let unix = unix_now();
-        let l = &self.global.config.limits;
-        let hb = Duration::from_secs(l.heartbeat_secs);
-        let idle = Duration::from_secs(l.idle_timeout_secs);
+        let (hb, idle) = {
+            let l = &self.cfg().limits;
+            (Duration::from_secs(l.heartbeat_secs), Duration::from_secs(l.idle_timeout_secs))
+        };
         for (_, conn) in self.conns.borrow().iter() {
             let mut st = conn.st.borrow_mut();
             match st.phase {
@@ -198,7 +203,7 @@ pub async fn shard_main(
             if ticks % 40 == 0 {
                 sweeper.prune_nonces(unix_now());
                 if sweeper.idx == 0 {
-                    sweeper.global.prune_ip_buckets(Instant::now());
+                    sweeper.global.prune_ip_buckets(Instant::now(), &sweeper.cfg().limits);
                 }
             }
         }
@@ -210,6 +215,7 @@ pub async fn shard_main(
             match msg {
                 ShardMsg::Handoff(h) => crate::handshake::finish(&ctx, h),
                 ShardMsg::RevokeAgent { user, agent_id } => router::revoke(&ctx, &user, &agent_id),
+                ShardMsg::Reload(cfg) => *ctx.cfg.borrow_mut() = cfg,
                 ShardMsg::Shutdown { deadline } => {
                     global.shards_accepting.fetch_sub(1, Ordering::SeqCst);
                     ctx.drain(deadline).await;

@@ -33,6 +33,8 @@ pub enum ShardMsg {
     Handoff(Box<Handoff>),
     /// `switchboard agent revoke` committed: close this agent's connection with 4003.
     RevokeAgent { user: String, agent_id: String },
+    /// SIGHUP: use this configuration (limits, auth, presence) from now on.
+    Reload(Arc<Config>),
     /// Stop: close every connection with 1001 and return by the deadline.
     Shutdown { deadline: Instant },
 }
@@ -63,7 +65,9 @@ impl Inbox {
 /// State shared by every shard: configuration, store, keys, caps. Nothing here is touched per
 /// relayed message.
 pub struct Global {
-    pub config: Config,
+    /// The configuration in force; replaced on SIGHUP. Shards keep their own copy, updated
+    /// by a [`ShardMsg::Reload`], so the message path never touches this lock.
+    pub config: RwLock<Arc<Config>>,
     pub store: Store,
     pub writer: WriterHandle,
     pub jwt: RwLock<Arc<JwtVerifier>>,
@@ -90,23 +94,25 @@ impl Global {
         home_shard(user, self.inboxes.len())
     }
 
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn jwt(&self) -> Arc<JwtVerifier> {
         self.jwt.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Takes one handshake token for `ip`; false means 429.
-    pub fn allow_handshake(&self, ip: IpAddr, now: Instant) -> bool {
-        let l = &self.config.limits;
-        let mut b = self
-            .ip_buckets
-            .entry(ip)
-            .or_insert_with(|| TokenBucket::new(l.handshakes_per_sec_per_ip, l.handshakes_burst_per_ip, now));
-        b.take(now)
+    pub fn allow_handshake(&self, ip: IpAddr, now: Instant, l: &crate::config::Limits) -> bool {
+        let (rate, burst) = (l.handshakes_per_sec_per_ip, l.handshakes_burst_per_ip);
+        let mut b = self.ip_buckets.entry(ip).or_insert_with(|| TokenBucket::new(burst, now));
+        b.take(now, rate, burst)
     }
 
     /// Forgets IPs whose bucket has refilled (called periodically).
-    pub fn prune_ip_buckets(&self, now: Instant) {
-        self.ip_buckets.retain(|_, b| !b.is_full(now));
+    pub fn prune_ip_buckets(&self, now: Instant, l: &crate::config::Limits) {
+        let (rate, burst) = (l.handshakes_per_sec_per_ip, l.handshakes_burst_per_ip);
+        self.ip_buckets.retain(|_, b| !b.is_full(now, rate, burst));
     }
 }
 
@@ -118,24 +124,23 @@ pub fn home_shard(user: &str, shards: usize) -> usize {
     (h.finish() % shards as u64) as usize
 }
 
-/// A token bucket refilled continuously.
+/// A token bucket refilled continuously. Rate and burst are passed on each use, so a
+/// reloaded configuration applies to existing buckets at once.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     tokens: f64,
-    rate: f64,
-    burst: f64,
     last: Instant,
 }
 
 impl TokenBucket {
-    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
-        TokenBucket { tokens: burst as f64, rate: rate as f64, burst: burst as f64, last: now }
+    pub fn new(burst: u32, now: Instant) -> Self {
+        TokenBucket { tokens: burst as f64, last: now }
     }
 
-    pub fn take(&mut self, now: Instant) -> bool {
+    pub fn take(&mut self, now: Instant, rate: u32, burst: u32) -> bool {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.tokens = (self.tokens + dt * rate as f64).min(burst as f64);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -144,9 +149,9 @@ impl TokenBucket {
         }
     }
 
-    fn is_full(&self, now: Instant) -> bool {
+    fn is_full(&self, now: Instant, rate: u32, burst: u32) -> bool {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens + dt * self.rate >= self.burst
+        self.tokens + dt * rate as f64 >= burst as f64
     }
 }
 
@@ -205,7 +210,7 @@ pub fn run(
     listener: std::net::TcpListener,
     inbox: InboxRx,
 ) -> std::io::Result<()> {
-    let driver = global.config.server.driver;
+    let driver = global.config().server.driver;
     if want_uring(driver) {
         let mut ring = io_uring::IoUring::builder();
         ring.setup_coop_taskrun().setup_single_issuer();
