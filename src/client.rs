@@ -288,6 +288,23 @@ impl Ws {
         self.ws.send(Message::text(text.to_string()))
     }
 
+    /// Sends `text` as one text message split into `pieces` frames (a text frame, then
+    /// continuation frames), each flushed on its own.
+    pub fn send_fragmented_text(&mut self, text: &str, pieces: usize) -> Result<(), tungstenite::Error> {
+        use tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tungstenite::protocol::frame::Frame as WsFrame;
+        let bytes = text.as_bytes();
+        let pieces = pieces.clamp(1, bytes.len().max(1));
+        let step = bytes.len().div_ceil(pieces).max(1);
+        let chunks: Vec<&[u8]> = bytes.chunks(step).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let opcode = if i == 0 { OpCode::Data(Data::Text) } else { OpCode::Data(Data::Continue) };
+            let frame = WsFrame::message(chunk.to_vec(), opcode, i + 1 == chunks.len());
+            self.ws.send(Message::Frame(frame))?;
+        }
+        Ok(())
+    }
+
     /// Sends one binary frame.
     pub fn send_binary(&mut self, bytes: &[u8]) -> Result<(), tungstenite::Error> {
         self.ws.send(Message::binary(bytes.to_vec()))
@@ -300,7 +317,10 @@ impl Ws {
 
     /// Starts a normal close (1000).
     pub fn close(&mut self) {
-        let _ = self.ws.close(None);
+        let _ = self.ws.close(Some(tungstenite::protocol::CloseFrame {
+            code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "".into(),
+        }));
         let _ = self.ws.flush();
     }
 

@@ -63,5 +63,6 @@ fn revoking_a_live_agent_closes_it_with_4003_within_2_seconds() {
     assert_eq!((f.ty(), f.str("code"), f.str("id")), ("error", "not_allowed", "x"), "{}", f.text);
     let c2 = ClientConn::connect(d.addr, &t, TokenPlace::Header, None).unwrap();
     assert_eq!(c2.welcome.value["agents"], json!([{"id": keep.agent_id(), "name": "keep", "online": true}]));
+    assert_eq!(expect_type(&mut kept, "session").str("session"), c2.session);
     assert_pong(&mut kept);
 }

@@ -292,6 +292,20 @@ fn an_expiring_token_is_warned_about_then_closed_with_4001_at_exp() {
 }
 
 #[test]
+fn the_expiry_warning_comes_30_seconds_before_exp() {
+    let d = Daemon::start_default();
+    let t = d.token("u1", &[], "33s");
+    let exp = jwt_claims(&t)["exp"].as_u64().unwrap();
+    let mut c = connect(&d, &t, TokenPlace::Header).unwrap();
+    let due = exp - 30;
+    let f = next_frame(&mut c, Duration::from_secs(due.saturating_sub(unix_now()) + 3));
+    assert_eq!(f.str("code"), "token_expiring", "{}", f.text);
+    // Whole seconds on both clocks: allow one second of rounding, never a warning earlier.
+    assert!(unix_now() + 1 >= due, "warned at {} for exp {exp} (due {due})", unix_now());
+    assert_pong(&mut c);
+}
+
+#[test]
 fn refresh_extends_the_session_and_a_short_new_token_is_warned_about() {
     let d = Daemon::start_default();
     let cred = d.hmac_agent("u1", "a");

@@ -28,6 +28,11 @@ fn a_frame_over_max_frame_bytes_closes_with_1009() {
     assert_eq!(expect_close(&mut c, WAIT).0, 1009);
     ag.send(None, &json!(big), None).unwrap();
     assert_eq!(expect_close(&mut ag, WAIT).0, 1009);
+    // Fragments each under the limit that add up to more are one message over it.
+    let mut c2 = d.client(&d.token("u1", &[], "1h"), None);
+    let frame = format!(r#"{{"type":"send","to":"{}","data":"{big}"}}"#, a.agent_id());
+    c2.ws.send_fragmented_text(&frame, 4).unwrap();
+    assert_eq!(expect_close(&mut c2, WAIT).0, 1009);
 }
 
 #[test]
@@ -64,6 +69,9 @@ fn a_slow_consumer_is_closed_with_4008_and_memory_stays_bounded() {
     rss_peak = rss_peak.max(d.rss_kib());
     assert!(closed_seen, "sent {sent} x 16 KiB to a reader that never reads and its session is still open");
     let grown_mib = rss_peak.saturating_sub(rss_before) / 1024;
+    eprintln!(
+        "slow consumer: closed after {sent} x 16 KiB; daemon RSS {rss_before} KiB -> peak {rss_peak} KiB"
+    );
     assert!(
         grown_mib < 48,
         "daemon RSS grew by {grown_mib} MiB for one slow consumer (sent {sent} x 16 KiB)"
@@ -74,7 +82,7 @@ fn a_slow_consumer_is_closed_with_4008_and_memory_stays_bounded() {
     assert!(frames.iter().all(|f| f.ty() == "message"));
     // The flooding agent is still fine (acks of the last sends may still be queued).
     ag.ws.ping().unwrap();
-    let f = next_skipping(&mut ag, &["ack", "error"], WAIT);
+    let f = next_skipping(&mut ag, &["ack", "error", "session"], WAIT);
     assert_eq!(f.ty(), "pong", "{}", f.text);
 }
 

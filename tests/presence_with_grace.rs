@@ -24,7 +24,7 @@ fn presence_goes_online_at_once_and_offline_only_after_the_grace() {
     let mut ag = d.agent(&a);
     let f = expect_type(&mut c, "presence");
     assert_eq!(f.value, json!({"type": "presence", "agent": a.agent_id(), "online": true}));
-    expect_type(&mut ag, "session");
+    assert_eq!(ag.welcome.value["sessions"], json!([c.session]));
 
     let gone = Instant::now();
     ag.ws.close();

@@ -145,6 +145,10 @@ fn client_messages_reach_the_named_or_bound_agent() {
     expect_msg(&mut ag, &bound.session, &json!("implicit"));
     c.send(None, &json!("nowhere"), Some("u1")).unwrap();
     expect_err(&mut c, "bad_frame", Some("u1"));
+    // A session bound to an agent gets that agent's broadcasts.
+    ag.send(None, &json!("to all of a's"), None).unwrap();
+    expect_msg(&mut c, a.agent_id(), &json!("to all of a's"));
+    expect_msg(&mut bound, a.agent_id(), &json!("to all of a's"));
     assert_pong(&mut ag);
     assert_pong(&mut bg);
 }
@@ -321,4 +325,78 @@ fn protocol_pings_are_answered_on_both_sides() {
         assert_pong(&mut ag);
         assert_pong(&mut c);
     }
+}
+
+#[test]
+fn a_fragmented_message_is_reassembled() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let mut c = d.client(&d.token("u1", &[], "1h"), None);
+    expect_type(&mut ag, "session");
+    let frame = format!(
+        r#"{{"type":"send","to":"{}","data":{{"parts":"in five frames"}},"id":"frag"}}"#,
+        a.agent_id()
+    );
+    c.ws.send_fragmented_text(&frame, 5).unwrap();
+    expect_ack(&mut c, "frag");
+    expect_msg(&mut ag, &c.session, &json!({"parts": "in five frames"}));
+}
+
+#[test]
+fn a_close_from_the_peer_is_answered_with_a_close() {
+    // RFC 6455 §5.5.1: the relay echoes the close; the spec's 1000 is "normal".
+    let d = Daemon::start_default();
+    let mut c = d.client(&d.token("u1", &[], "1h"), None);
+    c.ws.close();
+    match c.recv(WAIT) {
+        switchboard::client::Event::Close { code, .. } => assert_eq!(code, 1000),
+        other => panic!("expected the relay's close answer, got {other:?}"),
+    }
+}
+
+#[test]
+fn frames_sent_right_behind_the_upgrade_request_are_not_lost() {
+    use std::io::{Read, Write};
+    let d = Daemon::start_default();
+    let t = d.token("u1", &[], "1h");
+    // A masked text frame {"type":"ping"} in the same write as the request head.
+    let payload = br#"{"type":"ping"}"#;
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut bytes = upgrade_head("/v1/client", &[&format!("Authorization: Bearer {t}")]).into_bytes();
+    bytes.extend_from_slice(&[0x81, 0x80 | payload.len() as u8]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(&bytes).unwrap();
+    let mut got = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("the relay answers");
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+        if let Some(p) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+    };
+    assert!(got.starts_with(b"HTTP/1.1 101"), "{:?}", String::from_utf8_lossy(&got));
+    let mut ws = tungstenite::protocol::WebSocket::from_partially_read(
+        s,
+        got[head_end..].to_vec(),
+        tungstenite::protocol::Role::Client,
+        None,
+    );
+    let mut types = Vec::new();
+    while types.len() < 2 {
+        match ws.read().expect("frames") {
+            tungstenite::Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                types.push(v["type"].as_str().unwrap_or("").to_string());
+            }
+            tungstenite::Message::Close(c) => panic!("closed: {c:?} after {types:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(types, ["welcome", "pong"]);
 }

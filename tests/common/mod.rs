@@ -72,6 +72,8 @@ pub struct Daemon {
     pub config_path: PathBuf,
     hs256_file: Option<PathBuf>,
     logs: Arc<Mutex<String>>,
+    /// Set by [`Daemon::terminate`]: the process is expected to exit.
+    stopped: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -186,7 +188,7 @@ impl Daemon {
         };
         let addr = listen.parse().unwrap_or_else(|_| panic!("bad listening address {listen:?}"));
         let admin_addr = admin.parse().unwrap_or_else(|_| panic!("bad admin address {admin:?}"));
-        Daemon { child, addr, admin_addr, data_dir, config_path, hs256_file, logs, _dir: dir }
+        Daemon { child, addr, admin_addr, data_dir, config_path, hs256_file, logs, stopped: false, _dir: dir }
     }
 
     /// Everything the daemon printed so far (stdout and stderr).
@@ -317,6 +319,23 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("client connect: {e}"))
     }
 
+    /// Sends SIGTERM; returns the exit status if the process ends within `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.stopped = true;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Panics when the daemon has exited.
     pub fn assert_alive(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -330,7 +349,11 @@ impl Drop for Daemon {
         let crashed = self.child.try_wait().ok().flatten();
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(status) = crashed {
+        if std::thread::panicking() {
+            // The test failed: show what the daemon said (the test harness captures it).
+            eprintln!("---- daemon output ----\n{}---- end of daemon output ----", self.logs());
+        }
+        if let (Some(status), false) = (crashed, self.stopped) {
             if !std::thread::panicking() {
                 panic!("daemon exited during the test ({status}); output:\n{}", self.logs());
             }
