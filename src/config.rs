@@ -65,6 +65,9 @@ pub struct Server {
     pub store_map_size_mb: usize,
     /// Per-connection tungstenite read buffer; small keeps idle connections cheap.
     pub ws_read_buffer_bytes: usize,
+    /// TEST ONLY: serve `/v1/echo`, an unauthenticated WebSocket echo used to run the
+    /// Autobahn conformance suite against our WebSocket layer. Never enable in production.
+    pub echo_endpoint: bool,
     /// On SIGTERM, connections get this long to finish their close handshake before exit.
     pub shutdown_timeout_secs: u64,
 }
@@ -160,6 +163,7 @@ impl Default for Server {
             max_connections: 100_000,
             store_map_size_mb: 1024,
             ws_read_buffer_bytes: 512,
+            echo_endpoint: false,
             shutdown_timeout_secs: 10,
         }
     }

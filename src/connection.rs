@@ -37,8 +37,15 @@ pub const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Who is on the other end; fixed for the connection's life.
 pub enum Ident {
-    Agent { agent_id: Rc<str>, conn_id: Box<str> },
-    Client { session: Rc<str> },
+    Agent {
+        agent_id: Rc<str>,
+        conn_id: Box<str>,
+    },
+    Client {
+        session: Rc<str>,
+    },
+    /// The test-only echo endpoint.
+    Echo,
 }
 
 pub enum RoleState {
@@ -56,6 +63,7 @@ pub enum RoleState {
         exp: u64,
         warned: bool,
     },
+    Echo,
 }
 
 impl RoleState {
@@ -66,7 +74,7 @@ impl RoleState {
                 bound.as_deref().is_none_or(|b| b == agent_id)
                     && allow.as_deref().is_none_or(|a| a.iter().any(|x| &**x == agent_id))
             }
-            RoleState::Agent { .. } => false,
+            RoleState::Agent { .. } | RoleState::Echo => false,
         }
     }
 }
@@ -126,10 +134,10 @@ impl Conn {
     }
 
     pub fn role_label(&self) -> &'static str {
-        if self.is_agent() {
-            "agent"
-        } else {
-            "client"
+        match self.ident {
+            Ident::Agent { .. } => "agent",
+            Ident::Client { .. } => "client",
+            Ident::Echo => "echo",
         }
     }
 
@@ -353,6 +361,7 @@ pub fn register(
             };
             (claims.user, ident, role)
         }
+        Authenticated::Echo => (crate::handshake::ECHO_USER.to_string(), Ident::Echo, RoleState::Echo),
     };
     let user = shard.user_entry(&user_name);
     let mut ws = Ws::new(cfg.server.ws_read_buffer_bytes, cfg.limits.max_frame_bytes);
@@ -410,6 +419,7 @@ pub fn register(
         Ident::Client { session } => {
             tracing::info!(role = "client", session = %session, peer = %peer, "connection opened");
         }
+        Ident::Echo => tracing::debug!(role = "echo", peer = %peer, "connection opened"),
     }
     conn
 }
@@ -526,10 +536,15 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
                 crate::metrics::ShardStats::add(&shard.stats.frames_in, 1);
                 st.last_rx = now;
             }
-            Event::Binary => {
+            Event::Binary(payload) => {
                 st.last_rx = now;
+                st.last_data = now;
                 st.frames_in += 1;
-                st.close(1003, "binary frames are not accepted", now);
+                if matches!(conn.ident, Ident::Echo) {
+                    shard.deliver(conn, &mut st, crate::protocol::frames::data_frame(true, &payload));
+                } else {
+                    st.close(1003, "binary frames are not accepted", now);
+                }
             }
             Event::PeerClose(code) => {
                 st.close_code.get_or_insert(code.unwrap_or(1005));
@@ -576,6 +591,7 @@ fn unregister(shard: &ShardCtx, conn: &ConnRef) {
         Ident::Client { session } => {
             tracing::info!(role = "client", session = %session, code, frames_in = st.frames_in, frames_out = st.frames_out, "connection closed");
         }
+        Ident::Echo => tracing::debug!(role = "echo", code, "connection closed"),
     }
     drop(st);
     shard.flush_dirty();

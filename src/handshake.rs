@@ -40,8 +40,34 @@ pub struct Handoff {
 }
 
 pub enum Authenticated {
-    Agent { record: Box<AgentRecord>, key: AgentKey, nonce: String },
-    Client { claims: ClientClaims, bound: Option<String> },
+    Agent {
+        record: Box<AgentRecord>,
+        key: AgentKey,
+        nonce: String,
+    },
+    Client {
+        claims: ClientClaims,
+        bound: Option<String>,
+    },
+    /// The test-only echo endpoint: no identity, no routing.
+    Echo,
+}
+
+/// The pseudo-user that owns echo connections: longer than any valid user id (128 bytes),
+/// so it can never be a real user's state.
+pub const ECHO_USER: &str = concat!(
+    "echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint-",
+    "echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint"
+);
+
+impl Authenticated {
+    pub fn user(&self) -> &str {
+        match self {
+            Authenticated::Agent { record, .. } => &record.user,
+            Authenticated::Client { claims, .. } => &claims.user,
+            Authenticated::Echo => ECHO_USER,
+        }
+    }
 }
 
 /// Handles one accepted socket up to the handoff.
@@ -83,11 +109,10 @@ pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, slot:
     match check(&shard, &req, peer) {
         Ok(Some(who)) => {
             let leftover = buf[req.head_len..].to_vec();
-            let user = match &who {
-                Authenticated::Agent { record, .. } => record.user.as_str(),
-                Authenticated::Client { claims, .. } => claims.user.as_str(),
+            let home = match &who {
+                Authenticated::Echo => shard.idx,
+                who => shard.global.home_shard(who.user()),
             };
-            let home = shard.global.home_shard(user);
             // A dup'd descriptor moves; the monoio stream (and any op it had) stays here.
             let Some(fd) = dup(fd) else { return };
             drop(stream);
@@ -147,6 +172,10 @@ fn check(
     if !g.allow_handshake(peer.ip(), Instant::now(), &cfg.limits) {
         return Err((Refusal::TooManyRequests, "ip_handshake_rate"));
     }
+    if req.endpoint == Endpoint::Echo && !cfg.server.echo_endpoint {
+        let r = if req.method_is_get { Refusal::NotFound } else { Refusal::MethodNotAllowed };
+        return Err((r, r.reason()));
+    }
     http::check_upgrade(req).map_err(|r| (r, r.reason()))?;
     let now = unix_now();
     let unauthorized = |reason| (Refusal::Unauthorized, reason);
@@ -194,6 +223,7 @@ fn check(
             };
             Ok(Some(Authenticated::Client { claims, bound }))
         }
+        Endpoint::Echo => Ok(Some(Authenticated::Echo)),
         Endpoint::Healthz | Endpoint::Other => Err((Refusal::NotFound, "not_found")),
     }
 }
@@ -212,10 +242,7 @@ pub fn finish(shard: &Rc<ShardCtx>, h: Box<Handoff>) {
     let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
     let Ok(stream) = TcpStream::from_std(std_stream) else { return };
     let _ = stream.set_nodelay(true);
-    let user = match &who {
-        Authenticated::Agent { record, .. } => record.user.as_str(),
-        Authenticated::Client { claims, .. } => claims.user.as_str(),
-    };
+    let user = who.user();
     if let Authenticated::Agent { record, nonce, .. } = &who {
         if !shard.check_nonce(&record.agent_id, nonce, unix_now()) {
             monoio::spawn(refuse(stream, peer, Refusal::Unauthorized, "replayed_nonce"));

@@ -35,6 +35,9 @@ pub enum Endpoint {
     Client,
     /// `/healthz`
     Healthz,
+    /// `/v1/echo`: a WebSocket echo for conformance testing, only when
+    /// `server.echo_endpoint` is on (404 otherwise).
+    Echo,
     /// anything else
     Other,
 }
@@ -163,6 +166,7 @@ pub fn parse_request(buf: &[u8], max_head_bytes: usize) -> Result<Option<Request
         "/v1/agent" => Endpoint::Agent,
         "/v1/client" => Endpoint::Client,
         "/healthz" => Endpoint::Healthz,
+        "/v1/echo" => Endpoint::Echo,
         _ => Endpoint::Other,
     };
 
@@ -347,7 +351,7 @@ pub fn check_upgrade(req: &Request) -> Result<(), Refusal> {
     if !req.method_is_get {
         return Err(Refusal::MethodNotAllowed);
     }
-    if !matches!(req.endpoint, Endpoint::Agent | Endpoint::Client) {
+    if !matches!(req.endpoint, Endpoint::Agent | Endpoint::Client | Endpoint::Echo) {
         return Err(Refusal::NotFound);
     }
     if !req.upgrade_websocket || req.ws_version.as_deref() != Some("13") {

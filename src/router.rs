@@ -103,6 +103,10 @@ fn error(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, code: &str, id: O
 
 /// A text frame from the peer.
 pub fn on_text(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, text: &[u8], now: Instant) {
+    if matches!(conn.ident, Ident::Echo) {
+        shard.deliver(conn, st, frames::data_frame(false, text));
+        return;
+    }
     let inbound = match protocol::parse_inbound(text) {
         Ok(i) => i,
         Err(e) => {
@@ -120,6 +124,7 @@ pub fn on_text(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, text: &[u8]
                 agent_send(shard, conn, st, &inbound, agent_id, conn_id, now)
             }
             Ident::Client { session } => client_send(shard, conn, st, &inbound, session, now),
+            Ident::Echo => {}
         },
     }
 }
@@ -362,6 +367,7 @@ pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState) {
     let hb = shard.cfg().limits.heartbeat_secs;
     let now = shard.now();
     match &conn.ident {
+        Ident::Echo => {}
         Ident::Agent { agent_id, conn_id } => {
             let mut user = conn.user.borrow_mut();
             let came_online = match user.agents.get_mut(agent_id) {
@@ -439,6 +445,7 @@ pub fn on_close(shard: &ShardCtx, conn: &ConnRef) {
     let mut user = conn.user.borrow_mut();
     user.conns -= 1;
     match &conn.ident {
+        Ident::Echo => {}
         Ident::Agent { agent_id, .. } => {
             if let Some(slot) = user.agents.get_mut(agent_id) {
                 if slot.conn.as_ref().is_some_and(|c| Rc::ptr_eq(c, conn)) {

@@ -55,8 +55,8 @@ impl Write for Feed {
 pub enum Event {
     /// A complete text message (reassembled from fragments, UTF-8 checked).
     Text(Utf8Bytes),
-    /// A binary message: the protocol refuses it (1003).
-    Binary,
+    /// A binary message: the protocol refuses it (1003); the echo endpoint returns it.
+    Binary(Bytes),
     /// A ping or pong: proof of life, nothing to route.
     Control,
     /// The peer started the close handshake; our reply is queued in the output.
@@ -102,7 +102,7 @@ impl Ws {
         loop {
             return match self.inner.read() {
                 Ok(Message::Text(t)) => Event::Text(t),
-                Ok(Message::Binary(_)) => Event::Binary,
+                Ok(Message::Binary(b)) => Event::Binary(b),
                 Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => Event::Control,
                 Ok(Message::Close(frame)) => Event::PeerClose(frame.map(|f| u16::from(f.code))),
                 Ok(Message::Frame(_)) => continue,

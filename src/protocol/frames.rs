@@ -262,6 +262,13 @@ pub fn bad_frame(err: &FrameError<'_>) -> Bytes {
 const PONG: &[u8] = b"\x81\x0f{\"type\":\"pong\"}";
 
 /// `{"type":"pong"}` as a text frame (static, shared, no allocation).
+/// A data frame carrying `payload` as is (the conformance echo endpoint only).
+pub fn data_frame(binary: bool, payload: &[u8]) -> Bytes {
+    let mut b = FrameBuf::with_payload_capacity(payload.len());
+    b.raw(payload);
+    b.finish(if binary { 0x82 } else { 0x81 })
+}
+
 pub fn pong() -> Bytes {
     Bytes::from_static(PONG)
 }

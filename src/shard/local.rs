@@ -152,7 +152,7 @@ impl ShardCtx {
                     RoleState::Agent { expires: Some(e), .. } if unix >= *e => {
                         st.close(4003, "agent expired", now);
                     }
-                    RoleState::Agent { .. } => {}
+                    RoleState::Agent { .. } | RoleState::Echo => {}
                 }
                 if st.phase == Phase::Open && now.duration_since(st.last_ping) >= hb {
                     st.last_ping = now;
