@@ -124,7 +124,8 @@ impl ShardCtx {
         let mut outbound = 0;
         for (_, conn) in self.conns.borrow().iter() {
             let mut st = conn.st.borrow_mut();
-            outbound += st.queued_bytes();
+            let queued = st.queued_bytes();
+            outbound += queued;
             match st.phase {
                 Phase::Closing(deadline) | Phase::FlushThenClose(deadline) if now >= deadline => {
                     st.phase = Phase::Dead;
@@ -160,7 +161,10 @@ impl ShardCtx {
                     st.pump_control();
                 }
             }
-            self.mark_dirty(conn, &mut st);
+            if st.queued_bytes() != queued {
+                // A ping, a warning or a close frame to write.
+                self.mark_dirty(conn, &mut st);
+            }
         }
         let users: Vec<_> = self.users.borrow().values().cloned().collect();
         for u in users {
