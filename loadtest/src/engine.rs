@@ -1120,7 +1120,15 @@ fn handle_message(ctx: &ThreadCtx, conn: &Conn, from: &str, data: Option<&serde_
     }
     let from_ok = match &sender.role {
         Role::Agent { agent_id, .. } => from == agent_id,
-        Role::Client { .. } => ctx.sessions.borrow().get(p.s as usize).is_some_and(|s| s == from),
+        Role::Client { .. } => {
+            let known = |ctx: &ThreadCtx| ctx.sessions.borrow().get(p.s as usize).is_some_and(|s| s == from);
+            // This thread's copy of the sessions may predate the sender's connect (another
+            // thread can start sending before this one has looked at the phase): refresh once.
+            known(ctx) || {
+                *ctx.sessions.borrow_mut() = Arc::new(ctx.shared.sessions.lock().unwrap().clone());
+                known(ctx)
+            }
+        }
     };
     if !from_ok {
         acc.from_mismatch += 1;

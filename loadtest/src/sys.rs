@@ -22,7 +22,7 @@ pub fn raise_nofile() -> std::io::Result<(u64, u64)> {
             }
         }
     }
-    Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
+    Ok((lim.rlim_cur, lim.rlim_max))
 }
 
 /// The soft RLIMIT_NOFILE of another process (from /proc/<pid>/limits).
