@@ -43,6 +43,13 @@ impl std::str::FromStr for Driver {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    Off,
+    Required,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Server {
@@ -65,6 +72,12 @@ pub struct Server {
     pub store_map_size_mb: usize,
     /// Per-connection tungstenite read buffer; small keeps idle connections cheap.
     pub ws_read_buffer_bytes: usize,
+    /// PROXY protocol v2 on the public listener: `off`, or `required` (every connection must
+    /// come from `trusted_proxies` and start with a v2 header, whose client address then
+    /// drives per-IP limits and logs).
+    pub proxy_protocol: ProxyProtocol,
+    /// Networks (CIDR, or single addresses) allowed to send a PROXY header.
+    pub trusted_proxies: Vec<String>,
     /// TEST ONLY: serve `/v1/echo`, an unauthenticated WebSocket echo used to run the
     /// Autobahn conformance suite against our WebSocket layer. Never enable in production.
     pub echo_endpoint: bool,
@@ -163,6 +176,8 @@ impl Default for Server {
             max_connections: 100_000,
             store_map_size_mb: 1024,
             ws_read_buffer_bytes: 512,
+            proxy_protocol: ProxyProtocol::Off,
+            trusted_proxies: Vec::new(),
             echo_endpoint: false,
             shutdown_timeout_secs: 10,
         }
@@ -275,6 +290,14 @@ impl Config {
         }
         if s.shards > 1024 {
             return Err(invalid("server.shards", "must be at most 1024"));
+        }
+        crate::proxy::TrustedNets::parse(&s.trusted_proxies)
+            .map_err(|m| invalid("server.trusted_proxies", m))?;
+        if s.proxy_protocol == ProxyProtocol::Required && s.trusted_proxies.is_empty() {
+            return Err(invalid(
+                "server.trusted_proxies",
+                "proxy_protocol = \"required\" needs at least one trusted network",
+            ));
         }
         if !(1..=3600).contains(&s.shutdown_timeout_secs) {
             return Err(invalid("server.shutdown_timeout_secs", "must be between 1 and 3600"));

@@ -71,12 +71,16 @@ impl Authenticated {
 }
 
 /// Handles one accepted socket up to the handoff.
-pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, slot: ConnSlot) {
+pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, mut peer: SocketAddr, slot: ConnSlot) {
     let started = Instant::now();
-    let (timeout_ms, max_head) = {
+    let (timeout_ms, max_head, mut want_proxy) = {
         let cfg = shard.cfg();
-        (cfg.server.handshake_timeout_ms, cfg.server.max_head_bytes)
+        let proxy = cfg.server.proxy_protocol == crate::config::ProxyProtocol::Required;
+        (cfg.server.handshake_timeout_ms, cfg.server.max_head_bytes, proxy)
     };
+    if want_proxy && !shard.is_trusted_proxy(peer.ip()) {
+        return refuse(stream, peer, Refusal::BadRequest, "untrusted_proxy").await;
+    }
     let deadline = started + Duration::from_millis(timeout_ms);
     let fd = stream.as_raw_fd();
     let mut buf = BytesMut::with_capacity(1024);
@@ -99,6 +103,22 @@ pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, slot:
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return,
+        }
+        if want_proxy {
+            match crate::proxy::parse_v2(&buf) {
+                Ok(None) => continue,
+                Ok(Some(h)) => {
+                    if let Some(source) = h.source {
+                        peer = source;
+                    }
+                    bytes::Buf::advance(&mut buf, h.len);
+                    want_proxy = false;
+                    if buf.is_empty() {
+                        continue;
+                    }
+                }
+                Err(_) => return refuse(stream, peer, Refusal::BadRequest, "bad_proxy_header").await,
+            }
         }
         match http::parse_request(&buf, max_head) {
             Ok(None) => continue,

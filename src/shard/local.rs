@@ -28,11 +28,17 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+fn trusted_nets(cfg: &Config) -> crate::proxy::TrustedNets {
+    crate::proxy::TrustedNets::parse(&cfg.server.trusted_proxies).unwrap_or_default()
+}
+
 pub struct ShardCtx {
     pub idx: usize,
     pub global: Arc<Global>,
     /// This shard's copy of the configuration in force (replaced by [`ShardMsg::Reload`]).
     cfg: RefCell<Arc<Config>>,
+    /// `server.trusted_proxies`, parsed (validated with the configuration).
+    trusted: RefCell<crate::proxy::TrustedNets>,
     pub users: RefCell<HashMap<Rc<str>, Rc<RefCell<UserState>>>>,
     pub conns: RefCell<Slab<ConnRef>>,
     /// Connections with output queued during the current batch.
@@ -53,6 +59,7 @@ impl ShardCtx {
         ShardCtx {
             idx,
             cfg: RefCell::new(global.config()),
+            trusted: RefCell::new(trusted_nets(&global.config())),
             global,
             users: RefCell::default(),
             conns: RefCell::new(Slab::new()),
@@ -69,6 +76,11 @@ impl ShardCtx {
     /// The configuration in force on this shard.
     pub fn cfg(&self) -> std::cell::Ref<'_, Arc<Config>> {
         self.cfg.borrow()
+    }
+
+    /// Whether `ip` may send a PROXY header.
+    pub fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted.borrow().contains(ip)
     }
 
     /// The time at the start of the current batch (one clock read per batch).
@@ -227,7 +239,10 @@ pub async fn shard_main(
             match msg {
                 ShardMsg::Handoff(h) => crate::handshake::finish(&ctx, h),
                 ShardMsg::RevokeAgent { user, agent_id } => router::revoke(&ctx, &user, &agent_id),
-                ShardMsg::Reload(cfg) => *ctx.cfg.borrow_mut() = cfg,
+                ShardMsg::Reload(cfg) => {
+                    *ctx.trusted.borrow_mut() = trusted_nets(&cfg);
+                    *ctx.cfg.borrow_mut() = cfg;
+                }
                 ShardMsg::Shutdown { deadline } => {
                     global.shards_accepting.fetch_sub(1, Ordering::SeqCst);
                     ctx.drain(deadline).await;
