@@ -1,5 +1,6 @@
 //! The generator's engine: a few threads, each running a monoio runtime, each owning a slice
-//! of the plan's connections (connection `i` lives on thread `i % threads`).
+//! of the plan's connections (all of user `u`'s connections live on thread `u % threads`, so
+//! a message's sender and recipients are always on the same thread).
 //!
 //! Every connection is two tasks over one socket: a reader that parses the relay's frames
 //! and does the accounting, and a writer that sends what is due (pongs, close frames and,
@@ -15,7 +16,9 @@
 //!   1, 2, 3, … with no gaps on the sending side) and its send time (`t`, ns since the
 //!   engine's base instant, shared by all threads).
 //! - A connection never has more than `window` sends without an `ack` or `error`; the id of a
-//!   send is its per-connection number, so `id % window` names its slot.
+//!   send is its per-connection number, so `id % window` names its slot. With
+//!   `Traffic::window_on_delivery`, it also never has more than `window` sends' worth of
+//!   deliveries outstanding (sent, not yet received by the generator, not answered `error`).
 //! - Counters are thread-local cells, published to the coordinator's atomics every 10 ms.
 
 use crate::auth::{self, MsgSigner};
@@ -66,6 +69,10 @@ pub struct Traffic {
     pub size: usize,
     /// Most sends per connection without an answer.
     pub window: usize,
+    /// The window also counts sends until they are delivered (closed loop end to end), not
+    /// only until the relay acks them (the relay acks once it has queued the message, so an
+    /// ack-only window lets its outbound queues grow when it writes slower than it reads).
+    pub window_on_delivery: bool,
     /// Sends per second per sending connection; 0 = as fast as the window allows.
     pub rate: f64,
 }
@@ -320,6 +327,10 @@ struct ConnSt {
     targets: Vec<SendTarget>,
     rr: usize,
     sent: u64,
+    /// Deliveries of this connection's sends not yet seen (nor answered with `error`).
+    undelivered: u64,
+    /// Deliveries one send stands for (1, or the user's clients for a broadcast).
+    per_send: u64,
     /// (sender, target) → what arrived here.
     recv: HashMap<(u32, u32), RecvStream>,
 }
@@ -375,6 +386,8 @@ struct ThreadCtx {
     t: usize,
     shared: Arc<Shared>,
     conns: RefCell<Vec<Rc<Conn>>>,
+    /// This thread's connections by plan index (None elsewhere).
+    by_idx: RefCell<Vec<Option<Rc<Conn>>>>,
     sessions: RefCell<Arc<Vec<String>>>,
     run_start: Cell<Option<Instant>>,
     stop: Cell<bool>,
@@ -511,6 +524,7 @@ async fn thread_main(t: usize, shared: Arc<Shared>) -> ThreadResult {
         t,
         shared: shared.clone(),
         conns: RefCell::new(Vec::new()),
+        by_idx: RefCell::new(vec![None; n]),
         sessions: RefCell::new(Arc::new(Vec::new())),
         run_start: Cell::new(None),
         stop: Cell::new(false),
@@ -537,7 +551,8 @@ async fn thread_main(t: usize, shared: Arc<Shared>) -> ThreadResult {
 
     // CONNECT: a few connector tasks pull from this thread's share of the plan.
     let started = Instant::now();
-    let mine: Rc<Vec<usize>> = Rc::new((t..n).step_by(threads).collect());
+    let plan = &shared.plan;
+    let mine: Rc<Vec<usize>> = Rc::new((0..n).filter(|&i| plan.conns[i].user % threads == t).collect());
     let next = Rc::new(Cell::new(0usize));
     let k = shared.cfg.connect_concurrency.clamp(1, mine.len().max(1));
     let handles: Vec<_> =
@@ -693,6 +708,7 @@ fn setup_targets(ctx: &ThreadCtx, c: &Conn) {
             }
         }
     }
+    st.per_send = st.targets.first().map(|t| t.recipients).unwrap_or(1).max(1);
 }
 
 /// Connects the next connection of this thread's share until none is left.
@@ -925,6 +941,7 @@ fn start_conn(ctx: &Rc<ThreadCtx>, idx: usize, o: Opened) {
     inc(&ctx.local.connected, 1);
     inc(&ctx.local.live, 1);
     ctx.conns.borrow_mut().push(conn.clone());
+    ctx.by_idx.borrow_mut()[idx] = Some(conn.clone());
     let (rd, wr) = o.stream.into_split();
     monoio::spawn(reader(ctx.clone(), conn.clone(), rd, o.buf));
     monoio::spawn(writer(ctx.clone(), conn, wr));
@@ -1093,7 +1110,11 @@ fn answer(ctx: &ThreadCtx, conn: &Conn, id: Option<&str>, code: Option<&str>) {
             inc(&ctx.local.acked, 1);
             inc(&ctx.local.expected, tg.recipients);
         }
-        Some(code) => tg.errors.push((seq, code.to_string())),
+        Some(code) => {
+            let r = tg.recipients;
+            tg.errors.push((seq, code.to_string()));
+            st.undelivered = st.undelivered.saturating_sub(r);
+        }
     }
     drop(st);
     conn.notify.notify();
@@ -1143,6 +1164,12 @@ fn handle_message(ctx: &ThreadCtx, conn: &Conn, from: &str, data: Option<&serde_
         acc.out_of_order += 1;
     }
     let _ = acc.hist.record(now.saturating_sub(p.t).max(1));
+    if let Some(s) = ctx.by_idx.borrow().get(p.s as usize).and_then(Option::as_ref) {
+        let mut st = s.st.borrow_mut();
+        st.undelivered = st.undelivered.saturating_sub(1);
+        drop(st);
+        s.notify.notify();
+    }
     inc(&ctx.local.received, 1);
     let sec = ctx.second();
     if acc.timeline_received.len() <= sec {
@@ -1193,6 +1220,7 @@ fn build_send(
     st.slots[(id % window) as usize] = Some((id, tpos as u32, seq));
     st.inflight += 1;
     st.sent += 1;
+    st.undelivered += st.targets[tpos].recipients;
     let tg = &st.targets[tpos];
 
     let d = &mut sc.data;
@@ -1261,7 +1289,11 @@ async fn writer(ctx: Rc<ThreadCtx>, conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpSt
                 return;
             } else if let (Some(tr), Some(start)) = (&traffic, ctx.run_start.get()) {
                 if !ctx.stop.get() && !st.targets.is_empty() {
-                    let room = st.slots.len() - st.inflight;
+                    let mut room = st.slots.len() - st.inflight;
+                    if tr.window_on_delivery {
+                        let cap = st.slots.len() as u64 * st.per_send;
+                        room = room.min((cap.saturating_sub(st.undelivered) / st.per_send) as usize);
+                    }
                     let mut n = room.min(MAX_BATCH);
                     if tr.rate > 0.0 && room > 0 {
                         let elapsed = start.elapsed().as_secs_f64();

@@ -134,6 +134,14 @@ pub enum Direction {
     Both,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WindowOn {
+    /// A send leaves the window when the relay acks it and the generator has received it.
+    Delivery,
+    /// A send leaves the window when the relay acks it (or answers `error`).
+    Ack,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RelayArgs {
     #[command(flatten)]
@@ -154,9 +162,13 @@ pub struct RelayArgs {
     /// Bytes of each message's `data` (at least the ~50 the sequence fields need).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// Sends per connection without an ack or error.
+    /// Sends per connection in flight (see --window-on).
     #[arg(long, default_value_t = 32)]
     pub window: usize,
+    /// What ends a send's time in the window: its delivery to every recipient (closed loop
+    /// end to end) or only the relay's ack (the relay's outbound queues may then grow).
+    #[arg(long, value_enum, default_value_t = WindowOn::Delivery)]
+    pub window_on: WindowOn,
     /// Sends per second per sending connection; 0 = as fast as the window allows.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,

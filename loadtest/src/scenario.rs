@@ -10,7 +10,7 @@ use crate::plan::{AgentCred, Plan};
 use crate::report::{self, fmt_map, thousands};
 use crate::sys::{self, CpuSnap};
 use crate::target::{self, SpawnOpts, Spawned};
-use crate::{Direction, GenArgs, GenDriver, IdleArgs, RelayArgs, TargetArgs};
+use crate::{Direction, GenArgs, GenDriver, IdleArgs, RelayArgs, TargetArgs, WindowOn};
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -369,6 +369,7 @@ pub fn relay(a: RelayArgs) -> anyhow::Result<i32> {
         broadcast: a.broadcast,
         size: a.size,
         window: a.window,
+        window_on_delivery: a.window_on == WindowOn::Delivery,
         rate: a.rate,
     };
     let cfg = engine_cfg(&a.gen, s.addr, 2, Some(traffic), 16 << 10);
@@ -473,12 +474,13 @@ pub fn relay(a: RelayArgs) -> anyhow::Result<i32> {
         (Direction::Both, false) => "both ways unicast",
     };
     println!(
-        "== relay: {} users × ({} agents + {} clients) = {conns} connections, {dir}, {} B data, window {}, {} ==",
+        "== relay: {} users × ({} agents + {} clients) = {conns} connections, {dir}, {} B data, window {} (until {}), {} ==",
         a.users,
         a.agents_per_user,
         a.clients_per_user,
         a.size,
         a.window,
+        if a.window_on == WindowOn::Delivery { "delivered" } else { "acked" },
         if a.rate > 0.0 { format!("{} msg/s per sender", a.rate) } else { "max rate".into() }
     );
     println!("traffic window:      {window_secs:.2} s (then {:.2} s drain)", all_cpu.wall_secs - window_secs);
@@ -552,7 +554,7 @@ pub fn relay(a: RelayArgs) -> anyhow::Result<i32> {
                        "thread_util": send_cpu.generator_thread_util, "saturated": saturated },
         "plan": { "users": a.users, "agents_per_user": a.agents_per_user, "clients_per_user": a.clients_per_user,
                   "connections": conns, "direction": format!("{:?}", a.direction), "broadcast": a.broadcast,
-                  "data_bytes": a.size, "window": a.window, "rate_per_sender": a.rate, "duration_secs": a.duration },
+                  "data_bytes": a.size, "window": a.window, "window_on": format!("{:?}", a.window_on).to_lowercase(), "rate_per_sender": a.rate, "duration_secs": a.duration },
         "connect": { "secs": connect_secs, "handshakes_per_sec": conns as f64 / connect_secs.max(1e-9) },
         "results": {
             "traffic_secs": window_secs,
