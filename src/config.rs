@@ -72,6 +72,11 @@ pub struct Server {
     pub store_map_size_mb: usize,
     /// Per-connection tungstenite read buffer; small keeps idle connections cheap.
     pub ws_read_buffer_bytes: usize,
+    /// Serve `wss://` with this certificate chain (PEM); needs `tls_key_file`. Reloaded on
+    /// SIGHUP (new connections get the new certificate; existing ones keep their session).
+    pub tls_cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: Option<PathBuf>,
     /// PROXY protocol v2 on the public listener: `off`, or `required` (every connection must
     /// come from `trusted_proxies` and start with a v2 header, whose client address then
     /// drives per-IP limits and logs).
@@ -176,6 +181,8 @@ impl Default for Server {
             max_connections: 100_000,
             store_map_size_mb: 1024,
             ws_read_buffer_bytes: 512,
+            tls_cert_file: None,
+            tls_key_file: None,
             proxy_protocol: ProxyProtocol::Off,
             trusted_proxies: Vec::new(),
             echo_endpoint: false,
@@ -290,6 +297,9 @@ impl Config {
         }
         if s.shards > 1024 {
             return Err(invalid("server.shards", "must be at most 1024"));
+        }
+        if s.tls_cert_file.is_some() != s.tls_key_file.is_some() {
+            return Err(invalid("server.tls_cert_file", "tls_cert_file and tls_key_file go together"));
         }
         crate::proxy::TrustedNets::parse(&s.trusted_proxies)
             .map_err(|m| invalid("server.trusted_proxies", m))?;

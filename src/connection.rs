@@ -112,6 +112,8 @@ pub struct ConnState {
     pub bytes_out: u64,
     /// Bytes written since the shard last collected them (for its statistics).
     flushed: u64,
+    /// The TLS session on a `wss://` listener.
+    tls: Option<Box<crate::tls::TlsIo>>,
 }
 
 pub struct Conn {
@@ -214,6 +216,36 @@ impl ConnState {
         }
     }
 
+    /// TLS: moves queued frames into rustls one batch (≤ 64 KiB) at a time, writing the
+    /// records out before taking the next batch, so rustls never holds more than a batch.
+    fn flush_tls(&mut self, fd: RawFd) -> std::io::Result<bool> {
+        const BATCH: usize = 64 * 1024;
+        let ConnState { tls, outq, out_bytes, head_off, bytes_out, flushed, .. } = self;
+        let Some(t) = tls.as_deref_mut() else { return Ok(true) };
+        loop {
+            if t.wants_write() {
+                if !t.write_to(fd)? {
+                    return Ok(false);
+                }
+                continue;
+            }
+            if outq.is_empty() {
+                return Ok(true);
+            }
+            let mut moved = 0;
+            while moved < BATCH {
+                let Some(f) = outq.pop_front() else { break };
+                let part = &f[*head_off..];
+                t.encrypt(part)?;
+                moved += part.len();
+                *head_off = 0;
+            }
+            *out_bytes -= moved;
+            *bytes_out += moved as u64;
+            *flushed += moved as u64;
+        }
+    }
+
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.out_bytes
@@ -244,6 +276,9 @@ impl ConnState {
 
     /// Writes as much of the queue as the socket takes. Ok(true) when the queue is empty.
     fn flush(&mut self, fd: RawFd) -> std::io::Result<bool> {
+        if self.tls.is_some() {
+            return self.flush_tls(fd);
+        }
         while !self.outq.is_empty() {
             let n = match ws::send_vectored(fd, self.head_off, self.outq.iter()) {
                 Ok(n) => n,
@@ -331,15 +366,20 @@ impl ShardCtx {
 }
 
 /// Creates the connection on its home shard: 101, welcome, presence; early frames fed.
-pub fn register(
-    shard: &Rc<ShardCtx>,
-    stream: &TcpStream,
-    peer: SocketAddr,
-    slot: ConnSlot,
-    who: Authenticated,
-    response: Vec<u8>,
-    leftover: Vec<u8>,
-) -> ConnRef {
+/// An upgrade that passed every check, ready to become a connection.
+pub struct Accepted {
+    pub peer: SocketAddr,
+    pub slot: ConnSlot,
+    pub who: Authenticated,
+    /// The `101 Switching Protocols` response, sent first.
+    pub response: Vec<u8>,
+    /// Bytes the peer sent after its request head.
+    pub leftover: Vec<u8>,
+    pub tls: Option<Box<crate::tls::TlsIo>>,
+}
+
+pub fn register(shard: &Rc<ShardCtx>, stream: &TcpStream, accepted: Accepted) -> ConnRef {
+    let Accepted { peer, slot, who, response, leftover, tls } = accepted;
     let now = shard.now();
     let cfg = shard.cfg().clone();
     let (user_name, ident, role) = match who {
@@ -386,6 +426,7 @@ pub fn register(
         bytes_in: 0,
         bytes_out: 0,
         flushed: 0,
+        tls,
     };
     let conn = Rc::new(Conn {
         fd: stream.as_raw_fd(),
@@ -499,12 +540,38 @@ fn on_readable(shard: &ShardCtx, conn: &ConnRef, ok: bool) {
             break;
         };
         let full = chunk.len() >= RECV_CHUNK / 4;
+        let chunk = match decrypt(shard, conn, chunk) {
+            Some(plain) => plain,
+            None => break,
+        };
         process(shard, conn, Some(chunk));
         if !full {
             break;
         }
     }
     shard.flush_dirty();
+}
+
+/// For a TLS connection, the plaintext in `chunk` (None: the session failed, the connection
+/// is dead); otherwise `chunk` itself.
+fn decrypt(shard: &ShardCtx, conn: &ConnRef, chunk: Bytes) -> Option<Bytes> {
+    let mut st = conn.st.borrow_mut();
+    let Some(t) = st.tls.as_deref_mut() else { return Some(chunk) };
+    let mut plain = shard.plain.borrow_mut();
+    let ok = t.decrypt(&chunk, &mut plain).is_ok();
+    let wants_write = t.wants_write();
+    if !ok {
+        let _ = t.write_to(conn.fd);
+        st.phase = Phase::Dead;
+        st.close_code.get_or_insert(1006);
+        conn.notify();
+        return None;
+    }
+    if wants_write {
+        // Session tickets, key updates, alerts: sent by the next flush.
+        shard.mark_dirty(conn, &mut st);
+    }
+    Some(plain.split().freeze())
 }
 
 /// Feeds `chunk` (if any) to the WebSocket and acts on every complete frame.

@@ -18,6 +18,7 @@ use crate::listener::ConnSlot;
 use crate::shard::local::{unix_now, ShardCtx};
 use crate::shard::ShardMsg;
 use crate::store::{AgentRecord, Credential};
+use crate::tls::TlsIo;
 use bytes::BytesMut;
 use monoio::net::TcpStream;
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ pub struct Handoff {
     pub subprotocol: bool,
     pub who: Authenticated,
     pub started: Instant,
+    /// The TLS session, when the listener speaks TLS: it moves with the socket.
+    pub tls: Option<Box<TlsIo>>,
 }
 
 pub enum Authenticated {
@@ -70,6 +73,18 @@ impl Authenticated {
     }
 }
 
+/// Sends a short response on a fresh socket (encrypted when the connection is TLS).
+fn respond(fd: RawFd, tls: Option<&mut TlsIo>, bytes: &[u8]) {
+    match tls {
+        Some(t) => {
+            if t.encrypt(bytes).is_ok() {
+                let _ = t.write_to(fd);
+            }
+        }
+        None => crate::ws::send_now(fd, bytes),
+    }
+}
+
 /// Handles one accepted socket up to the handoff.
 pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, mut peer: SocketAddr, slot: ConnSlot) {
     let started = Instant::now();
@@ -79,11 +94,20 @@ pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, mut peer: SocketAddr, s
         (cfg.server.handshake_timeout_ms, cfg.server.max_head_bytes, proxy)
     };
     if want_proxy && !shard.is_trusted_proxy(peer.ip()) {
-        return refuse(stream, peer, Refusal::BadRequest, "untrusted_proxy").await;
+        return refuse(stream, None, peer, Refusal::BadRequest, "untrusted_proxy").await;
     }
+    let mut tls = match shard.global.tls() {
+        Some(cfg) => match TlsIo::new(cfg) {
+            Ok(t) => Some(Box::new(t)),
+            Err(_) => return,
+        },
+        None => None,
+    };
     let deadline = started + Duration::from_millis(timeout_ms);
     let fd = stream.as_raw_fd();
-    let mut buf = BytesMut::with_capacity(1024);
+    // `raw` holds bytes as received (PROXY header, ciphertext); `buf` the plaintext head.
+    let mut raw = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::with_capacity(if tls.is_some() || want_proxy { 1024 } else { 0 });
     let req = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match monoio::time::timeout(left, stream.readable(false)).await {
@@ -95,40 +119,62 @@ pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, mut peer: SocketAddr, s
                 return;
             }
         }
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(1024.min(max_head + 1024 - buf.len()).max(512));
+        if raw.capacity() - raw.len() < 512 {
+            raw.reserve(1024.min(max_head + 1024 - raw.len()).max(512));
         }
-        match crate::ws::recv(fd, &mut buf) {
+        match crate::ws::recv(fd, &mut raw) {
             Ok(0) => return,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return,
         }
         if want_proxy {
-            match crate::proxy::parse_v2(&buf) {
+            match crate::proxy::parse_v2(&raw) {
                 Ok(None) => continue,
                 Ok(Some(h)) => {
                     if let Some(source) = h.source {
                         peer = source;
                     }
-                    bytes::Buf::advance(&mut buf, h.len);
+                    bytes::Buf::advance(&mut raw, h.len);
                     want_proxy = false;
-                    if buf.is_empty() {
-                        continue;
-                    }
                 }
-                Err(_) => return refuse(stream, peer, Refusal::BadRequest, "bad_proxy_header").await,
+                Err(_) => return refuse(stream, None, peer, Refusal::BadRequest, "bad_proxy_header").await,
             }
         }
-        match http::parse_request(&buf, max_head) {
+        let head: &BytesMut = match tls.as_deref_mut() {
+            Some(t) => {
+                if t.decrypt(&raw, &mut buf).is_err() {
+                    let _ = t.write_to(fd);
+                    tracing::info!(peer = %peer, reason = "tls_error", "TLS handshake failed");
+                    crate::metrics::refused(Refusal::BadRequest, "tls_error");
+                    return;
+                }
+                raw.clear();
+                if !flush_tls(&stream, t, deadline).await {
+                    return;
+                }
+                &buf
+            }
+            None if buf.capacity() > 0 => {
+                buf.extend_from_slice(&raw);
+                raw.clear();
+                &buf
+            }
+            None => &raw,
+        };
+        if head.is_empty() {
+            continue;
+        }
+        match http::parse_request(head, max_head) {
             Ok(None) => continue,
             Ok(Some(r)) => break r,
-            Err(refusal) => return refuse(stream, peer, refusal, "malformed_head").await,
+            Err(refusal) => return refuse(stream, tls, peer, refusal, "malformed_head").await,
         }
     };
+    let head = if tls.is_some() || buf.capacity() > 0 { &buf } else { &raw };
     match check(&shard, &req, peer) {
         Ok(Some(who)) => {
-            let leftover = buf[req.head_len..].to_vec();
+            let leftover = head[req.head_len..].to_vec();
             let home = match &who {
                 Authenticated::Echo => shard.idx,
                 who => shard.global.home_shard(who.user()),
@@ -145,25 +191,43 @@ pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, mut peer: SocketAddr, s
                 subprotocol: req.offers_switchboard_v1,
                 who,
                 started,
+                tls,
             });
             if home == shard.idx {
                 finish(&shard, h);
             } else {
                 crate::metrics::handoff(shard.idx);
-                if let Err(ShardMsg::Handoff(h)) = shard.global.inboxes[home].send(ShardMsg::Handoff(h)) {
+                if let Err(ShardMsg::Handoff(mut h)) = shard.global.inboxes[home].send(ShardMsg::Handoff(h)) {
                     // The home shard's inbox is full: refuse rather than queue without bound.
-                    let fd = h.fd.as_raw_fd();
-                    crate::ws::send_now(fd, Refusal::Unavailable.response());
+                    respond(h.fd.as_raw_fd(), h.tls.as_deref_mut(), Refusal::Unavailable.response());
                     crate::metrics::refused(Refusal::Unavailable, "handoff_queue_full");
                 }
             }
         }
         Ok(None) => {
             // /healthz, answered in full.
-            crate::ws::send_now(fd, http::healthz_response(shard.global.draining.load(Ordering::Relaxed)));
+            let body = http::healthz_response(shard.global.draining.load(Ordering::Relaxed));
+            respond(fd, tls.as_deref_mut(), body);
             linger(stream).await;
         }
-        Err((refusal, reason)) => refuse(stream, peer, refusal, reason).await,
+        Err((refusal, reason)) => refuse(stream, tls, peer, refusal, reason).await,
+    }
+}
+
+/// Sends the TLS records rustls has queued (handshake messages), waiting for the socket to
+/// take them until `deadline`. False: give up on the connection.
+async fn flush_tls(stream: &TcpStream, t: &mut TlsIo, deadline: Instant) -> bool {
+    loop {
+        match t.write_to(stream.as_raw_fd()) {
+            Ok(true) => return true,
+            Ok(false) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !matches!(monoio::time::timeout(left, stream.writable(false)).await, Ok(Ok(()))) {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
     }
 }
 
@@ -257,7 +321,7 @@ pub fn agent_key(c: &Credential) -> AgentKey {
 
 /// Finishes an upgrade on the user's home shard: the stateful checks, then 101 + welcome.
 pub fn finish(shard: &Rc<ShardCtx>, h: Box<Handoff>) {
-    let Handoff { fd, peer, slot, leftover, ws_key, subprotocol, who, started } = *h;
+    let Handoff { fd, peer, slot, leftover, ws_key, subprotocol, who, started, tls } = *h;
     // SAFETY: fd is an open, owned TCP socket descriptor.
     let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
     let Ok(stream) = TcpStream::from_std(std_stream) else { return };
@@ -265,25 +329,32 @@ pub fn finish(shard: &Rc<ShardCtx>, h: Box<Handoff>) {
     let user = who.user();
     if let Authenticated::Agent { record, nonce, .. } = &who {
         if !shard.check_nonce(&record.agent_id, nonce, unix_now()) {
-            monoio::spawn(refuse(stream, peer, Refusal::Unauthorized, "replayed_nonce"));
+            monoio::spawn(refuse(stream, tls, peer, Refusal::Unauthorized, "replayed_nonce"));
             return;
         }
     }
     if shard.user_conn_count(user) >= shard.cfg().limits.max_connections_per_user {
-        monoio::spawn(refuse(stream, peer, Refusal::TooManyRequests, "user_connection_cap"));
+        monoio::spawn(refuse(stream, tls, peer, Refusal::TooManyRequests, "user_connection_cap"));
         return;
     }
     let response = http::switching_protocols(&ws_key, subprotocol);
-    let conn = connection::register(shard, &stream, peer, slot, who, response, leftover);
+    let accepted = connection::Accepted { peer, slot, who, response, leftover, tls };
+    let conn = connection::register(shard, &stream, accepted);
     crate::metrics::handshake_done(started.elapsed());
     monoio::spawn(connection::run(shard.clone(), stream, conn));
 }
 
 /// Answers with `refusal`, then lets the peer read it before the socket closes.
-async fn refuse(stream: TcpStream, peer: SocketAddr, refusal: Refusal, reason: &'static str) {
+async fn refuse(
+    stream: TcpStream,
+    mut tls: Option<Box<TlsIo>>,
+    peer: SocketAddr,
+    refusal: Refusal,
+    reason: &'static str,
+) {
     crate::metrics::refused(refusal, reason);
     tracing::info!(peer = %peer, status = refusal.status(), reason, "upgrade refused");
-    crate::ws::send_now(stream.as_raw_fd(), refusal.response());
+    respond(stream.as_raw_fd(), tls.as_deref_mut(), refusal.response());
     linger(stream).await;
 }
 

@@ -12,6 +12,7 @@
 //! - [`proxy`]      PROXY protocol v2 headers and the trusted upstream networks.
 //! - [`protocol`]   the in-place envelope parser and every outbound frame builder.
 //! - [`auth`]       agent upgrade/message signatures, the nonce window, JWT verification.
+//! - [`tls`]        native TLS (rustls, ring) driven by readiness like plain sockets.
 //! - [`store`]      LMDB (heed): typed tables, the writer thread, the data-dir lock.
 //! - [`cli`]        `agent` and `token` subcommands.
 //! - [`admin`]      the admin listener: `/metrics`, `/healthz`, `/readyz`.
@@ -38,4 +39,5 @@ pub mod router;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod tls;
 pub mod ws;

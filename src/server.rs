@@ -50,6 +50,14 @@ pub fn jwt_settings(config: &Config) -> anyhow::Result<JwtSettings> {
     })
 }
 
+/// The TLS server configuration, when `server.tls_cert_file` is set.
+fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+        (Some(cert), Some(key)) => Ok(Some(crate::tls::load(cert, key)?)),
+        _ => Ok(None),
+    }
+}
+
 fn block_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-mask calls on a zeroed set.
     unsafe {
@@ -96,10 +104,12 @@ fn reload(global: &Global, load: &dyn Fn() -> anyhow::Result<Config>) -> anyhow:
         new.server.store_map_size_mb = old.server.store_map_size_mb;
     }
     let jwt = JwtVerifier::new(&jwt_settings(&new)?)?;
+    let tls = tls_config(&new)?;
     crate::logging::set_level(&new.log.level).map_err(|e| anyhow::anyhow!("log.level: {e}"))?;
     let new = Arc::new(new);
     *global.config.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
     *global.jwt.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(jwt);
+    *global.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
     for inbox in &global.inboxes {
         let mut msg = ShardMsg::Reload(new.clone());
         let deadline = Instant::now() + Duration::from_secs(1);
@@ -124,6 +134,7 @@ pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyho
     let _lock = DataDirLock::acquire(data_dir)?;
     let store = Store::open(data_dir, config.server.store_map_size_mb)?;
     let jwt = JwtVerifier::new(&jwt_settings(&config)?)?;
+    let tls = tls_config(&config)?;
     let n = config.shard_count();
     let listeners = crate::listener::bind(config.server.listen, n)?;
     let public = listeners[0].local_addr()?;
@@ -138,6 +149,7 @@ pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyho
         store: store.clone(),
         writer: writer.clone(),
         jwt: RwLock::new(Arc::new(jwt)),
+        tls: RwLock::new(tls.clone()),
         inboxes,
         open_conns: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
@@ -188,7 +200,7 @@ pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyho
         "mixed"
     });
     tracing::info!(
-        listen = %public, admin = %admin_addr, shards = n,
+        listen = %public, admin = %admin_addr, shards = n, tls = tls.is_some(),
         driver = if uring == n { "io_uring" } else if uring == 0 { "legacy" } else { "mixed" },
         "switchboard serving"
     );

@@ -45,6 +45,8 @@ pub struct ShardCtx {
     pub dirty: RefCell<Vec<ConnRef>>,
     /// The one receive buffer of this shard.
     pub scratch: RefCell<BytesMut>,
+    /// Plaintext decrypted from TLS connections (its own buffer, shared likewise).
+    pub plain: RefCell<BytesMut>,
     /// Reused by Ed25519 message verification.
     pub sig_scratch: RefCell<Vec<u8>>,
     /// Accepted upgrade nonces per agent, with the last time each window was used.
@@ -65,6 +67,7 @@ impl ShardCtx {
             conns: RefCell::new(Slab::new()),
             dirty: RefCell::default(),
             scratch: RefCell::new(BytesMut::with_capacity(64 * 1024)),
+            plain: RefCell::new(BytesMut::new()),
             sig_scratch: RefCell::default(),
             nonces: RefCell::default(),
             now: Cell::new(Instant::now()),

@@ -71,6 +71,8 @@ pub struct Global {
     pub store: Store,
     pub writer: WriterHandle,
     pub jwt: RwLock<Arc<JwtVerifier>>,
+    /// TLS configuration for new connections (None: plain `ws://`); replaced on SIGHUP.
+    pub tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     pub inboxes: Vec<Inbox>,
     /// Public connections open (handshaking or upgraded), for the global cap.
     pub open_conns: AtomicUsize,
@@ -96,6 +98,10 @@ impl Global {
 
     pub fn config(&self) -> Arc<Config> {
         self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn jwt(&self) -> Arc<JwtVerifier> {
