@@ -1,4 +1,5 @@
-//! The operator's commands that do not run the daemon: `agent create|list|revoke` and `token`.
+//! The operator's commands that do not run the daemon: `agent create|list|revoke`, `token` and
+//! `connections`.
 //!
 //! Owns: their argument surface (spec §9) as clap types that `main` embeds, their output (JSON
 //! with `--json`, otherwise human-readable), and duration / public-key parsing.
@@ -24,7 +25,9 @@ use base64::Engine as _;
 use serde::Serialize;
 
 use crate::ids;
-use crate::store::{self, AgentRecord, NewCredential, RevokeOutcome, Store};
+use crate::store::{
+    self, AgentRecord, ConnectionFilter, ConnectionRecord, NewCredential, RevokeOutcome, Store,
+};
 
 /// Where the data dir is when `--data-dir` is not given.
 pub const DEFAULT_DATA_DIR: &str = "./switchboard-data";
@@ -116,6 +119,25 @@ pub struct TokenArgs {
     pub json: bool,
 }
 
+/// `switchboard connections …`: list connection records, newest first.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionsArgs {
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+    /// Only this user's connections.
+    #[arg(long, value_name = "U", allow_hyphen_values = true)]
+    pub user: Option<String>,
+    /// Only this agent's connections and the client sessions bound to it.
+    #[arg(long, value_name = "A", allow_hyphen_values = true)]
+    pub agent: Option<String>,
+    /// Show at most this many (the newest); 0 shows all.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub limit: usize,
+    /// Print a JSON array (every field of every record).
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Run an `agent` subcommand, printing to stdout.
 pub fn run_agent(cmd: AgentCmd) -> anyhow::Result<()> {
     let stdout = io::stdout();
@@ -130,6 +152,15 @@ pub fn run_token(args: TokenArgs) -> anyhow::Result<()> {
     let stdout = io::stdout();
     let mut out = stdout.lock();
     run_token_to(args, &mut out, store::unix_now())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Run `connections`, printing to stdout.
+pub fn run_connections(args: ConnectionsArgs) -> anyhow::Result<()> {
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    connections(args, &mut out)?;
     out.flush()?;
     Ok(())
 }
@@ -286,8 +317,17 @@ fn list(a: ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             ]
         })
         .collect();
+    Ok(write_table(out, &header, &rows)?)
+}
+
+/// Aligned columns separated by two spaces, header first; no trailing spaces.
+fn write_table<const N: usize>(
+    out: &mut dyn Write,
+    header: &[&str; N],
+    rows: &[[String; N]],
+) -> io::Result<()> {
     let mut widths = header.map(str::len);
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -306,9 +346,67 @@ fn list(a: ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         writeln!(out, "{}", s.trim_end())
     };
     line(&mut header.iter().copied())?;
-    for row in &rows {
+    for row in rows {
         line(&mut row.iter().map(String::as_str))?;
     }
+    Ok(())
+}
+
+fn connections(a: ConnectionsArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let dir = &a.data_dir.data_dir;
+    let filter = ConnectionFilter { user: a.user, agent: a.agent, limit: (a.limit > 0).then_some(a.limit) };
+    // Listing never creates a data dir: none means no records.
+    let records = if Store::exists(dir) {
+        open_store(dir)?.list_connections(&filter).context("listing connection records")?
+    } else {
+        Vec::new()
+    };
+    if a.json {
+        serde_json::to_writer(&mut *out, &records)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    if records.is_empty() {
+        writeln!(out, "no connection records")?;
+        return Ok(());
+    }
+    let header = [
+        "OPENED",
+        "CONN_ID",
+        "ROLE",
+        "USER",
+        "AGENT",
+        "REMOTE",
+        "LAST_SEEN",
+        "CLOSED",
+        "CODE",
+        "FRAMES_IN",
+        "FRAMES_OUT",
+        "BYTES_IN",
+        "BYTES_OUT",
+    ];
+    let dash = || "-".to_owned();
+    let rows: Vec<[String; 13]> = records
+        .iter()
+        .map(|r: &ConnectionRecord| {
+            [
+                fmt_time(r.opened),
+                printable(&r.conn_id),
+                r.role.to_string(),
+                printable(&r.user),
+                r.agent_id.as_deref().map_or_else(dash, printable),
+                printable(&r.remote),
+                fmt_time(r.last_seen),
+                r.closed.map_or_else(dash, fmt_time),
+                r.close_code.map_or_else(dash, |c| c.to_string()),
+                r.frames_in.to_string(),
+                r.frames_out.to_string(),
+                r.bytes_in.to_string(),
+                r.bytes_out.to_string(),
+            ]
+        })
+        .collect();
+    write_table(out, &header, &rows)?;
     Ok(())
 }
 
@@ -453,6 +551,7 @@ mod tests {
         #[command(subcommand)]
         Agent(AgentCmd),
         Token(TokenArgs),
+        Connections(ConnectionsArgs),
     }
 
     fn parse(args: &[&str]) -> Result<Top, clap::Error> {
@@ -462,14 +561,21 @@ mod tests {
     fn agent(args: &[&str]) -> AgentCmd {
         match parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
             Top::Agent(a) => a,
-            Top::Token(_) => panic!("not an agent command"),
+            _ => panic!("not an agent command"),
         }
     }
 
     fn token(args: &[&str]) -> TokenArgs {
         match parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
             Top::Token(t) => t,
-            Top::Agent(_) => panic!("not token"),
+            _ => panic!("not token"),
+        }
+    }
+
+    fn conns(args: &[&str]) -> ConnectionsArgs {
+        match parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
+            Top::Connections(c) => c,
+            _ => panic!("not connections"),
         }
     }
 
@@ -699,6 +805,93 @@ mod tests {
         assert!(run_agent_text(&["agent", "create", &d, "--user", "", "--name", "n"]).is_err());
         let long = "x".repeat(129);
         assert!(run_agent_text(&["agent", "create", &d, "--user", "u", "--name", &long]).is_err());
+    }
+
+    #[test]
+    fn parse_connections() {
+        let c = conns(&["connections"]);
+        assert_eq!(c.data_dir.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!((c.user, c.agent, c.limit, c.json), (None, None, 100, false));
+        let c =
+            conns(&["connections", "--data-dir=/d", "--user=-u", "--agent", "-ag", "--limit", "5", "--json"]);
+        assert_eq!(c.data_dir.data_dir, PathBuf::from("/d"));
+        assert_eq!(
+            (c.user.as_deref(), c.agent.as_deref(), c.limit, c.json),
+            (Some("-u"), Some("-ag"), 5, true)
+        );
+        assert!(parse(&["connections", "--limit", "-1"]).is_err());
+        assert!(parse(&["connections", "--limit", "x"]).is_err());
+        assert!(parse(&["connections", "extra"]).is_err());
+    }
+
+    fn run_conns_text(args: &[&str]) -> String {
+        let mut out = Vec::new();
+        connections(conns(args), &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn connections_command() {
+        use crate::store::{ConnectionRecord, Role, WriteOp};
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("data");
+        let d = format!("--data-dir={}", dir.display());
+        // No data dir: nothing listed, nothing created.
+        assert_eq!(run_conns_text(&["connections", &d]), "no connection records\n");
+        assert_eq!(run_conns_text(&["connections", &d, "--json"]), "[]\n");
+        assert!(!dir.exists());
+
+        let store = Store::open(&dir, 32).unwrap();
+        let mut ops = Vec::new();
+        for i in 0..5u64 {
+            let (role, agent) =
+                if i % 2 == 0 { (Role::Agent, Some("ag_1".to_owned())) } else { (Role::Client, None) };
+            let user = if i < 3 { "alice" } else { "bob\x1b" };
+            let rec =
+                ConnectionRecord::new(format!("c_{i}"), user, role, agent, "127.0.0.1:9", 1_700_000_000 + i);
+            ops.push(WriteOp::ConnectionOpened(Box::new(rec)));
+        }
+        ops.push(WriteOp::ConnectionClosed {
+            conn_id: "c_0".into(),
+            opened: 1_700_000_000,
+            last_seen: 1_700_000_050,
+            closed: 1_700_000_060,
+            frames_in: 1,
+            frames_out: 2,
+            bytes_in: 3,
+            bytes_out: 4,
+            close_code: Some(4003),
+        });
+        store.apply_batch(&ops).unwrap();
+
+        let mut out = Vec::new();
+        connections(conns(&["connections", &d, "--json", "--limit=0"]), &mut out).unwrap();
+        let all: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let all = all.as_array().unwrap();
+        let ids: Vec<&str> = all.iter().map(|r| r["conn_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["c_4", "c_3", "c_2", "c_1", "c_0"]);
+        assert_eq!(
+            all[4],
+            serde_json::json!({
+                "conn_id": "c_0", "user": "alice", "role": "agent", "agent_id": "ag_1",
+                "remote": "127.0.0.1:9", "opened": 1_700_000_000u64, "last_seen": 1_700_000_050u64,
+                "closed": 1_700_000_060u64, "frames_in": 1, "frames_out": 2, "bytes_in": 3,
+                "bytes_out": 4, "close_code": 4003
+            })
+        );
+        assert!(all[0]["closed"].is_null() && all[0]["close_code"].is_null() && all[1]["agent_id"].is_null());
+
+        let text = run_conns_text(&["connections", &d, "--user", "alice", "--agent", "ag_1"]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("OPENED") && lines[0].ends_with("BYTES_OUT"), "{text}");
+        assert!(lines[1].contains("c_2") && lines[2].contains("c_0"), "{text}");
+        assert!(lines[2].contains("4003") && lines[2].contains("2023-11-14 22:14:20Z"), "{text}");
+        // Stored text cannot garble the table.
+        let text = run_conns_text(&["connections", &d, "--limit", "1"]);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("bob?") && !text.contains('\x1b'), "{text}");
+        assert_eq!(run_conns_text(&["connections", &d, "--user", "carol"]), "no connection records\n");
     }
 
     fn decode_claims(jwt: &str, key: &[u8]) -> serde_json::Value {

@@ -20,6 +20,7 @@ pub struct Config {
     pub jwt: Jwt,
     pub presence: Presence,
     pub log: Log,
+    pub records: Records,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +168,31 @@ pub struct Log {
     /// tracing filter directive: error, warn, info, debug, trace.
     pub level: String,
 }
+
+/// Connection records (`switchboard connections`): the writer deletes the oldest beyond either
+/// bound, checking every few seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Records {
+    /// Most connection records kept. Each takes about 0.5 KiB of the LMDB map;
+    /// `server.store_map_size_mb` must allow 1 KiB for each.
+    pub max_records: u64,
+    /// Records of connections opened longer ago than this many days are deleted.
+    pub max_age_days: u64,
+}
+
+impl Default for Records {
+    fn default() -> Self {
+        Records {
+            max_records: crate::store::DEFAULT_MAX_RECORDS,
+            max_age_days: crate::store::DEFAULT_MAX_AGE_DAYS,
+        }
+    }
+}
+
+/// Map space budgeted per connection record by [`Config::validate`] (measured: 100k records in a
+/// 52 MiB file; the rest is headroom for free pages and the agents).
+const RECORD_BUDGET_BYTES: u64 = 1024;
 
 impl Default for Server {
     fn default() -> Self {
@@ -363,6 +389,24 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", format!("{:?} is not a log filter", self.log.level)));
         }
+        let r = &self.records;
+        if !(1..=100_000_000).contains(&r.max_records) {
+            return Err(invalid("records.max_records", "must be between 1 and 100000000"));
+        }
+        if !(1..=36_500).contains(&r.max_age_days) {
+            return Err(invalid("records.max_age_days", "must be between 1 and 36500"));
+        }
+        let budget_mb = r.max_records.saturating_mul(RECORD_BUDGET_BYTES).div_ceil(1 << 20);
+        if budget_mb > s.store_map_size_mb as u64 {
+            return Err(invalid(
+                "records.max_records",
+                format!(
+                    "{} records need about {budget_mb} MiB of the store; raise server.store_map_size_mb \
+                     (now {}) or lower records.max_records",
+                    r.max_records, s.store_map_size_mb
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -382,7 +426,7 @@ fn apply_env(
     table: &mut toml::Table,
     vars: impl Iterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
-    const SECTIONS: [&str; 6] = ["server", "limits", "auth", "jwt", "presence", "log"];
+    const SECTIONS: [&str; 7] = ["server", "limits", "auth", "jwt", "presence", "log", "records"];
     for (var, raw) in vars {
         let Some(rest) = var.strip_prefix("SWITCHBOARD_") else { continue };
         let rest = rest.to_ascii_lowercase();
@@ -443,6 +487,30 @@ mod tests {
         let c: Config = toml::Value::Table(t).try_into().unwrap();
         assert_eq!(c.limits.heartbeat_secs, 7);
         assert_eq!(c.jwt.issuer.as_deref(), Some("https://issuer"));
+    }
+
+    #[test]
+    fn records_section_defaults_env_and_validation() {
+        let c = Config::default();
+        assert_eq!((c.records.max_records, c.records.max_age_days), (100_000, 30));
+        let mut t: toml::Table = "[records]\nmax_age_days = 7".parse().unwrap();
+        let vars = vec![("SWITCHBOARD_RECORDS_MAX_RECORDS".to_string(), "5000".to_string())];
+        apply_env(&mut t, vars.into_iter()).unwrap();
+        let c: Config = toml::Value::Table(t).try_into().unwrap();
+        assert_eq!((c.records.max_records, c.records.max_age_days), (5000, 7));
+        c.validate().unwrap();
+        let bad = |f: fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|c| c.records.max_records = 0).contains("records.max_records"));
+        assert!(bad(|c| c.records.max_age_days = 0).contains("records.max_age_days"));
+        let small_map = bad(|c| c.server.store_map_size_mb = 16);
+        assert!(small_map.contains("records.max_records") && small_map.contains("store_map_size_mb"));
+        let t: toml::Table = "[records]\nmax_rows = 3".parse().unwrap();
+        let r: Result<Config, _> = toml::Value::Table(t).try_into();
+        assert!(r.unwrap_err().to_string().contains("max_rows"));
     }
 
     #[test]

@@ -27,6 +27,8 @@ enum Command {
     Token(switchboard::cli::TokenArgs),
     /// Validate the configuration and print it (secrets redacted).
     CheckConfig(ConfigArgs),
+    /// List connection records, newest first (works while the daemon runs).
+    Connections(switchboard::cli::ConnectionsArgs),
 }
 
 #[derive(clap::Args)]
@@ -124,6 +126,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Agent(cmd) => switchboard::cli::run_agent(cmd),
         Command::Token(args) => switchboard::cli::run_token(args),
+        Command::Connections(args) => switchboard::cli::run_connections(args),
         Command::CheckConfig(a) => {
             let c = load(&a)?;
             c.validate()?;

@@ -1,8 +1,9 @@
 //! Persistence: the LMDB environment (through heed) in the data dir, and the files next to it.
 //!
 //! Owns: the only code that knows heed/LMDB — the `agents`, `agents_by_user` and `meta`
-//! databases and their on-disk encoding; the daemon's writer thread ([`spawn_writer`]); the
-//! revocation watch ([`spawn_revocation_watcher`]); the data-dir lock ([`DataDirLock`]); the
+//! databases, the connection records (`connections`, see `connections.rs`) and their on-disk
+//! encoding; the daemon's writer thread ([`spawn_writer_with`]) and its
+//! retention of connection records; the revocation watch ([`spawn_revocation_watcher`]); the data-dir lock ([`DataDirLock`]); the
 //! generated JWT key file ([`ensure_jwt_key`]) and secret files ([`read_secret_file`]).
 //!
 //! Must stay true:
@@ -11,8 +12,8 @@
 //!   process). A `Store` is an `Arc`: clone it freely, share it across shards.
 //! - Reads (any thread, any time) use their own short read transaction; the environment is opened
 //!   with `read_txn_without_tls`, so several read transactions may live on one thread.
-//! - Shards never commit. The running daemon's statistics go through [`WriterHandle::send`]
-//!   (bounded, never blocks) and are group-committed by one writer thread. Agent creation and
+//! - Shards never commit. The running daemon's statistics and connection records go through
+//!   [`WriterHandle::send`] (bounded, never blocks) and are group-committed by one writer thread. Agent creation and
 //!   revocation (the CLI, possibly another process while the daemon runs — LMDB serialises the
 //!   writers) commit synchronously and durably, and bump `meta.change_generation` in the same
 //!   transaction, which is how the daemon notices a revocation.
@@ -23,15 +24,20 @@
 //! - On-disk records are versioned JSON (`"v":1`); `meta.schema_version` refuses a data dir
 //!   written by a newer schema.
 
+mod connections;
 mod files;
 mod watch;
 mod writer;
 
+pub use connections::{
+    ConnectionFilter, ConnectionRecord, PruneOutcome, RetentionPolicy, Role, DEFAULT_MAX_AGE_DAYS,
+    DEFAULT_MAX_RECORDS, MAX_REMOTE_BYTES, RETENTION_CHECK_INTERVAL, RETENTION_MAX_DELETES,
+};
 pub use files::{ensure_jwt_key, read_jwt_key, read_secret_file, DataDirLock, JWT_KEY_FILE, LOCK_FILE};
 pub use watch::spawn_revocation_watcher;
 pub use writer::{
-    spawn_writer, WriteOp, WriterHandle, WriterStats, WRITER_BATCH_MAX, WRITER_BATCH_WINDOW,
-    WRITER_QUEUE_CAPACITY,
+    spawn_writer, spawn_writer_with, WriteOp, WriterHandle, WriterStats, WRITER_BATCH_MAX,
+    WRITER_BATCH_WINDOW, WRITER_QUEUE_CAPACITY,
 };
 
 use std::collections::hash_map::Entry;
@@ -200,9 +206,10 @@ pub enum RevokeOutcome {
 /// What one [`Store::apply_batch`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
-    /// Ops applied to an existing agent.
+    /// Ops applied (to an existing agent, or a connection record stored or updated).
     pub applied: usize,
-    /// Ops for agents that do not exist (any more) or whose record is unreadable.
+    /// Ops for agents or connections that do not exist (any more) or whose record is
+    /// unreadable, and malformed or duplicate connection records.
     pub skipped: usize,
 }
 
@@ -354,12 +361,14 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
 type AgentsDb = Database<'static, Str, Bytes>;
 type IndexDb = Database<'static, Bytes, Unit>;
 type MetaDb = Database<'static, Str, Bytes>;
+type ConnsDb = Database<'static, Bytes, Bytes>;
 
 struct Inner {
     env: Env<WithoutTls>,
     agents: AgentsDb,
     by_user: IndexDb,
     meta: MetaDb,
+    conns: ConnsDb,
     dir: PathBuf,
 }
 
@@ -402,6 +411,7 @@ impl Store {
             let agents: Database<Str, Bytes> = dbo.create_database(wtxn, Some("agents"))?;
             let by_user: Database<Bytes, Unit> = dbo.create_database(wtxn, Some("agents_by_user"))?;
             let meta: Database<Str, Bytes> = dbo.create_database(wtxn, Some("meta"))?;
+            let conns: Database<Bytes, Bytes> = dbo.create_database(wtxn, Some("connections"))?;
             match meta.get(wtxn, META_SCHEMA)? {
                 None => meta.put(wtxn, META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?,
                 Some(v) => {
@@ -411,15 +421,15 @@ impl Store {
                     }
                 }
             }
-            Ok(CommitOrAbort::Commit((agents, by_user, meta)))
+            Ok(CommitOrAbort::Commit((agents, by_user, meta, conns)))
         })?;
-        let (agents, by_user, meta) = match created {
+        let (agents, by_user, meta, conns) = match created {
             CommitOrAbort::Commit(dbs) => dbs,
             CommitOrAbort::Abort(found) => {
                 return Err(StoreError::NewerSchema { path: canonical, found, known: SCHEMA_VERSION })
             }
         };
-        let inner = Arc::new(Inner { env, agents, by_user, meta, dir: canonical.clone() });
+        let inner = Arc::new(Inner { env, agents, by_user, meta, conns, dir: canonical.clone() });
         open.insert(canonical, Arc::downgrade(&inner));
         Ok(Store { inner })
     }
@@ -601,37 +611,47 @@ impl Store {
         Ok(RevokeOutcome::Revoked)
     }
 
-    /// Apply connection statistics in one write transaction and commit.
+    /// Apply a batch of ops in one write transaction and commit.
     ///
     /// This is the writer thread's commit, public for benches and tests: a shard must never call
     /// it (it blocks on LMDB's writer lock and an fsync); shards use [`WriterHandle::send`].
-    /// Ops for unknown agents are skipped. Each touched record is read and written once.
+    /// Ops for unknown agents or connections, and malformed records, are skipped. Each touched
+    /// agent record is read and written once.
     pub fn apply_batch(&self, ops: &[WriteOp]) -> Result<BatchOutcome> {
         let mut wtxn = self.inner.env.write_txn()?;
         let mut touched: HashMap<&str, Option<AgentRecord>> = HashMap::with_capacity(ops.len());
         let mut outcome = BatchOutcome::default();
         for op in ops {
-            let id = op.agent_id();
-            let slot = match touched.entry(id) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => {
-                    let rec = match self.record_in(&wtxn, id) {
-                        Ok(rec) => rec,
-                        Err(StoreError::Corrupt(why)) => {
-                            tracing::warn!(error = %why, "store writer: skipping unreadable agent");
-                            None
+            let applied = match op.agent_id() {
+                None => connections::apply_in(self, &mut wtxn, op)?,
+                Some(id) => {
+                    let slot = match touched.entry(id) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(e) => {
+                            let rec = match self.record_in(&wtxn, id) {
+                                Ok(rec) => rec,
+                                Err(StoreError::Corrupt(why)) => {
+                                    tracing::warn!(error = %why, "store writer: skipping unreadable agent");
+                                    None
+                                }
+                                Err(e) => return Err(e),
+                            };
+                            e.insert(rec)
                         }
-                        Err(e) => return Err(e),
                     };
-                    e.insert(rec)
+                    match slot {
+                        Some(rec) => {
+                            op.apply_to(rec);
+                            true
+                        }
+                        None => false,
+                    }
                 }
             };
-            match slot {
-                Some(rec) => {
-                    op.apply_to(rec);
-                    outcome.applied += 1;
-                }
-                None => outcome.skipped += 1,
+            if applied {
+                outcome.applied += 1;
+            } else {
+                outcome.skipped += 1;
             }
         }
         for (id, rec) in &touched {

@@ -412,6 +412,297 @@ fn newer_schema_is_refused() {
     assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Connection records.
+
+fn conn(id: &str, user: &str, role: Role, agent: Option<&str>, opened: u64) -> ConnectionRecord {
+    ConnectionRecord::new(id, user, role, agent.map(str::to_owned), "10.0.0.1:4242", opened)
+}
+
+fn opened(rec: &ConnectionRecord) -> WriteOp {
+    WriteOp::ConnectionOpened(Box::new(rec.clone()))
+}
+
+fn closed(id: &str, opened: u64, at: u64, frames: u64, code: Option<u16>) -> WriteOp {
+    WriteOp::ConnectionClosed {
+        conn_id: id.into(),
+        opened,
+        last_seen: at - 1,
+        closed: at,
+        frames_in: frames,
+        frames_out: frames * 2,
+        bytes_in: frames * 100,
+        bytes_out: frames * 200,
+        close_code: code,
+    }
+}
+
+fn ids_of(recs: &[ConnectionRecord]) -> Vec<&str> {
+    recs.iter().map(|r| r.conn_id.as_str()).collect()
+}
+
+fn all(store: &Store) -> Vec<ConnectionRecord> {
+    store.list_connections(&ConnectionFilter::default()).unwrap()
+}
+
+#[test]
+fn connection_records_open_seen_close() {
+    let t = tmp();
+    let store = open(t.path());
+    let (a, _) = hmac(&store, "alice", "one");
+    let ag = a.agent_id.as_str();
+    let c1 = conn("s_client1", "alice", Role::Client, Some(ag), 100);
+    let c2 = conn("c_agent1", "alice", Role::Agent, Some(ag), 101);
+    let long_remote = conn("c_x1", "alice", Role::Client, None, 1);
+    let long_remote = ConnectionRecord { remote: "x".repeat(MAX_REMOTE_BYTES + 1), ..long_remote };
+    let ops = [
+        opened(&c1),
+        WriteOp::AgentConnected { agent_id: ag.into(), at: 101 },
+        opened(&c2),
+        // Open and close in one batch: the close sees the row written just before.
+        closed("s_client1", 100, 110, 3, Some(1000)),
+        WriteOp::ConnectionSeen {
+            conn_id: "c_agent1".into(),
+            opened: 101,
+            at: 150,
+            frames_in: 5,
+            frames_out: 6,
+            bytes_in: 7,
+            bytes_out: 8,
+        },
+        closed("c_nope", 100, 5, 1, None),
+        // The right id with the wrong open time names no record.
+        closed("c_agent1", 100, 5, 1, None),
+        closed("bad id", 100, 5, 1, None),
+        opened(&c1),
+        opened(&conn("bad id", "alice", Role::Client, None, 1)),
+        opened(&conn("c_ok", "", Role::Client, None, 1)),
+        opened(&conn("c_ok", &"u".repeat(129), Role::Client, None, 1)),
+        opened(&conn("c_ok", "alice", Role::Agent, Some("ag bad"), 1)),
+        opened(&long_remote),
+    ];
+    let out = store.apply_batch(&ops).unwrap();
+    assert_eq!(out, BatchOutcome { applied: 5, skipped: 9 });
+    let got1 = store.get_connection("s_client1", 100).unwrap().unwrap();
+    let want1 = ConnectionRecord {
+        last_seen: 109,
+        closed: Some(110),
+        frames_in: 3,
+        frames_out: 6,
+        bytes_in: 300,
+        bytes_out: 600,
+        close_code: Some(1000),
+        ..c1.clone()
+    };
+    assert_eq!(got1, want1);
+    let want2 =
+        ConnectionRecord { last_seen: 150, frames_in: 5, frames_out: 6, bytes_in: 7, bytes_out: 8, ..c2 };
+    assert_eq!(store.get_connection("c_agent1", 101).unwrap().unwrap(), want2);
+    assert_eq!(store.get_agent(ag).unwrap().unwrap().last_connected, Some(101));
+    assert_eq!(store.get_connection("c_agent1", 100).unwrap(), None);
+    assert_eq!(store.get_connection("c_nope", 100).unwrap(), None);
+    assert_eq!(store.get_connection("not an id", 100).unwrap(), None);
+    assert_eq!(store.connection_count().unwrap(), 2);
+
+    // A late `ConnectionSeen` does not reopen a closed record; a close without a code stays None.
+    let late = WriteOp::ConnectionSeen {
+        conn_id: "s_client1".into(),
+        opened: 100,
+        at: 999,
+        frames_in: 0,
+        frames_out: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+    };
+    let out = store.apply_batch(&[late, closed("c_agent1", 101, 200, 9, None)]).unwrap();
+    assert_eq!(out, BatchOutcome { applied: 2, skipped: 0 });
+    assert_eq!(store.get_connection("s_client1", 100).unwrap().unwrap(), want1);
+    let r2 = store.get_connection("c_agent1", 101).unwrap().unwrap();
+    assert_eq!((r2.closed, r2.close_code, r2.last_seen, r2.frames_in), (Some(200), None, 199, 9));
+    // The same id opened again later (a resumed session) is a second record.
+    store.apply_batch(&[opened(&conn("s_client1", "alice", Role::Client, Some(ag), 300))]).unwrap();
+    assert_eq!(ids_of(&all(&store)), ["s_client1", "c_agent1", "s_client1"]);
+    // Connection ops do not touch the agents' change generation.
+    assert_eq!(store.change_generation().unwrap(), 1);
+    // The ops know what they are about.
+    assert_eq!(opened(&c1).conn_id(), Some("s_client1"));
+    assert_eq!(opened(&c1).agent_id(), None);
+    assert_eq!(WriteOp::AgentSeen { agent_id: "ag_1".into(), at: 1 }.conn_id(), None);
+}
+
+#[test]
+fn connection_listing_newest_first_with_filters() {
+    let t = tmp();
+    let store = open(t.path());
+    let batches: [&[ConnectionRecord]; 3] = [
+        &[
+            conn("c_a1", "alice", Role::Agent, Some("ag_1"), 100),
+            conn("s_a2", "alice", Role::Client, Some("ag_1"), 100),
+        ],
+        &[
+            conn("s_a3", "alice", Role::Client, None, 101),
+            // Opened earlier than what is already stored: sorts by its open time.
+            conn("c_b1", "bob", Role::Agent, Some("ag_2"), 99),
+            conn("s_x1", "alicex", Role::Client, Some("ag_1"), 100),
+        ],
+        &[
+            conn("s_a4", "alice", Role::Client, Some("ag_2"), 100),
+            conn("s_z", "a\0b", Role::Client, None, 98),
+        ],
+    ];
+    for batch in batches {
+        let ops: Vec<WriteOp> = batch.iter().map(opened).collect();
+        store.apply_batch(&ops).unwrap();
+    }
+    let list = |user: Option<&str>, agent: Option<&str>, limit: Option<usize>| {
+        let f = ConnectionFilter { user: user.map(Into::into), agent: agent.map(Into::into), limit };
+        let recs = store.list_connections(&f).unwrap();
+        ids_of(&recs).into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    // Newest open time first; within one second, by conn_id (descending).
+    assert_eq!(list(None, None, None), ["s_a3", "s_x1", "s_a4", "s_a2", "c_a1", "c_b1", "s_z"]);
+    assert_eq!(list(None, None, Some(2)), ["s_a3", "s_x1"]);
+    assert_eq!(list(None, None, Some(0)), Vec::<String>::new());
+    assert_eq!(list(Some("alice"), None, None), ["s_a3", "s_a4", "s_a2", "c_a1"]);
+    assert_eq!(list(Some("alice"), None, Some(3)), ["s_a3", "s_a4", "s_a2"]);
+    assert_eq!(list(Some("alicex"), None, None), ["s_x1"]);
+    assert_eq!(list(Some("a\0b"), None, None), ["s_z"]);
+    assert_eq!(list(Some("a"), None, None), Vec::<String>::new());
+    assert_eq!(list(Some(""), None, None), Vec::<String>::new());
+    assert_eq!(list(Some("carol"), None, None), Vec::<String>::new());
+    // An agent's own connections and the sessions bound to it.
+    assert_eq!(list(None, Some("ag_1"), None), ["s_x1", "s_a2", "c_a1"]);
+    assert_eq!(list(None, Some("ag_2"), None), ["s_a4", "c_b1"]);
+    assert_eq!(list(Some("alice"), Some("ag_1"), None), ["s_a2", "c_a1"]);
+    assert_eq!(list(Some("alice"), Some("ag_1"), Some(1)), ["s_a2"]);
+    assert_eq!(list(Some("bob"), Some("ag_1"), None), Vec::<String>::new());
+    assert_eq!(list(None, Some("ag_nope"), None), Vec::<String>::new());
+    // A user whose JSON needs escapes is still matched by the quick pre-check.
+    store.apply_batch(&[opened(&conn("s_q", "quo\"te\\é", Role::Client, None, 97))]).unwrap();
+    assert_eq!(list(Some("quo\"te\\é"), None, None), ["s_q"]);
+    // Listing while a read transaction is open elsewhere on this thread (the CLI never blocks).
+    let _held = store.read_txn().unwrap();
+    assert_eq!(all(&store).len(), 8);
+}
+
+#[test]
+fn retention_by_count_deletes_oldest() {
+    let t = tmp();
+    let store = open(t.path());
+    let recs: Vec<ConnectionRecord> = (0..50u64)
+        .map(|i| conn(&format!("c_{i}"), &format!("user{}", i % 4), Role::Agent, Some("ag_1"), 1000 + i))
+        .collect();
+    store.apply_batch(&recs.iter().map(opened).collect::<Vec<_>>()).unwrap();
+
+    let policy = RetentionPolicy { max_records: 20, ..RetentionPolicy::default() };
+    let now = 2000;
+    // Bounded work per pass: 7 at most, oldest first.
+    let out = store.prune_connections(&policy, now, 7).unwrap();
+    assert_eq!(out, PruneOutcome { deleted: 7, more: true });
+    assert_eq!(store.connection_count().unwrap(), 43);
+    assert_eq!(all(&store).last().unwrap().conn_id, "c_7");
+    let mut passes = 1;
+    while store.prune_connections(&policy, now, 7).unwrap().more {
+        passes += 1;
+    }
+    assert_eq!(passes, 4); // 7 + 7 + 7 + 9 (the last pass is not "more")
+    assert_eq!(store.prune_connections(&policy, now, 7).unwrap(), PruneOutcome::default());
+    let left = all(&store);
+    assert_eq!(ids_of(&left), (30..50).rev().map(|i| format!("c_{i}")).collect::<Vec<_>>());
+    assert_eq!(store.get_connection("c_29", 1029).unwrap(), None);
+    for user in ["user0", "user1", "user2", "user3"] {
+        let f = ConnectionFilter { user: Some(user.into()), ..Default::default() };
+        assert_eq!(store.list_connections(&f).unwrap().len(), 5, "{user}");
+    }
+    // A close for a pruned connection is skipped; for a kept one, applied.
+    let out = store
+        .apply_batch(&[closed("c_3", 1003, 3000, 1, None), closed("c_40", 1040, 3000, 1, None)])
+        .unwrap();
+    assert_eq!(out, BatchOutcome { applied: 1, skipped: 1 });
+    store.apply_batch(&[opened(&conn("c_new", "user0", Role::Client, None, 1049))]).unwrap();
+    assert_eq!(all(&store)[0].conn_id, "c_new");
+}
+
+#[test]
+fn retention_by_age() {
+    let t = tmp();
+    let store = open(t.path());
+    let now = 100 * 86_400;
+    let day = 86_400;
+    let recs = [
+        conn("c_old40", "u", Role::Client, None, now - 40 * day),
+        conn("c_old31", "u", Role::Agent, Some("ag_1"), now - 31 * day),
+        conn("c_edge", "u", Role::Client, None, now - 30 * day),
+        conn("c_new", "u", Role::Client, None, now - 3600),
+    ];
+    store.apply_batch(&recs.iter().map(opened).collect::<Vec<_>>()).unwrap();
+    let policy = RetentionPolicy::new(1000, 30);
+    assert_eq!(policy.max_age_secs, 30 * day);
+    assert_eq!(store.prune_connections(&policy, now, 100).unwrap(), PruneOutcome { deleted: 2, more: false });
+    assert_eq!(ids_of(&all(&store)), ["c_new", "c_edge"]);
+    // A day later the edge one goes too; count and age apply together.
+    assert_eq!(store.prune_connections(&policy, now + day, 100).unwrap().deleted, 1);
+    let tight = RetentionPolicy::new(0, 30);
+    assert_eq!(store.prune_connections(&tight, now, 100).unwrap().deleted, 1);
+    assert_eq!(store.connection_count().unwrap(), 0);
+}
+
+#[test]
+fn writer_enforces_retention_and_commits_connection_ops() {
+    let t = tmp();
+    let store = open(t.path());
+    let policy = RetentionPolicy {
+        max_records: 10,
+        max_age_secs: u64::MAX,
+        check_interval: Duration::from_millis(20),
+    };
+    let writer = spawn_writer_with(store.clone(), policy);
+    let now = unix_now();
+    for i in 0..100u64 {
+        assert!(writer.send(opened(&conn(&format!("c_{i}"), "u", Role::Client, None, now + i))));
+    }
+    assert!(writer.send(closed("c_99", now + 99, now + 200, 4, Some(1001))));
+    assert!(writer.flush());
+    let t0 = Instant::now();
+    while store.connection_count().unwrap() > 10 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "retention did not run: {:?}", writer.writer_stats());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stats = writer.writer_stats();
+    assert_eq!((stats.ops, stats.skipped, stats.pruned, stats.prune_errors), (101, 0, 90, 0));
+    let left = all(&store);
+    assert_eq!(ids_of(&left), (90..100).rev().map(|i| format!("c_{i}")).collect::<Vec<_>>());
+    assert_eq!(left[0].close_code, Some(1001));
+    writer.shutdown();
+}
+
+#[test]
+fn flush_reports_a_failed_commit() {
+    let t = tmp();
+    // A 1 MiB map, half filled: a second batch of big records cannot fit.
+    let store = Store::open(t.path(), 1).unwrap();
+    let user = "u".repeat(MAX_USER_BYTES);
+    let big = |i: u64| ConnectionRecord {
+        remote: "r".repeat(MAX_REMOTE_BYTES),
+        ..conn(&format!("c_{i:0>60}"), &user, Role::Client, Some(&"a".repeat(64)), unix_now())
+    };
+    store.apply_batch(&(0..WRITER_BATCH_MAX as u64).map(|i| opened(&big(i))).collect::<Vec<_>>()).unwrap();
+    let writer = spawn_writer(store.clone());
+    for i in 0..WRITER_BATCH_MAX as u64 {
+        assert!(writer.send(opened(&big(i + 10_000))));
+    }
+    assert!(!writer.flush());
+    let stats = writer.writer_stats();
+    assert!(stats.commit_errors >= 1 && stats.lost_ops >= 1, "{stats:?}");
+    assert_eq!(stats.ops + stats.lost_ops, WRITER_BATCH_MAX as u64);
+    // The writer keeps going: a small batch commits, and flush says so.
+    let small = conn("c_small", "u", Role::Client, None, unix_now());
+    assert!(writer.send(opened(&small)));
+    assert!(writer.flush());
+    assert!(store.get_connection("c_small", small.opened).unwrap().is_some());
+    writer.shutdown();
+}
+
 /// Runs only when re-executed by `cli_in_another_process_while_daemon_runs`: plays the CLI.
 #[test]
 #[ignore = "helper for a multi-process test"]
@@ -482,6 +773,8 @@ fn handles_are_send_and_sync() {
     send_sync::<Store>();
     send_sync::<WriterHandle>();
     send_sync::<AgentRecord>();
+    send_sync::<ConnectionRecord>();
+    send_sync::<WriteOp>();
     fn send<T: Send>() {}
     send::<DataDirLock>();
     send::<StoreError>();

@@ -1,4 +1,5 @@
-//! The daemon's one writer thread: group-commits connection statistics sent by the shards.
+//! The daemon's one writer thread: group-commits agent statistics and connection records sent by
+//! the shards, and enforces the connection records' retention.
 //!
 //! Must stay true:
 //! - [`WriterHandle::send`] never blocks and never allocates beyond the op itself: a bounded
@@ -7,6 +8,10 @@
 //!   [`WRITER_BATCH_MAX`] more or until [`WRITER_BATCH_WINDOW`] has passed.
 //! - [`WriterHandle::shutdown`] commits everything queued before it returns.
 //! - A failed commit loses that batch only; the thread keeps going and counts the error.
+//! - Ops are committed in the order they were queued: once [`WriterStats::ops`] (plus
+//!   [`WriterStats::lost_ops`]) reaches n, the first n ops queued have been handled.
+//! - Retention runs between batches, at most every [`RetentionPolicy::check_interval`] (sooner
+//!   while a backlog remains), deleting at most [`RETENTION_MAX_DELETES`] rows per transaction.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
@@ -17,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
-use super::{AgentRecord, Store};
+use super::{unix_now, AgentRecord, ConnectionRecord, RetentionPolicy, Store, RETENTION_MAX_DELETES};
 
 /// Capacity of the writer's queue, in ops.
 pub const WRITER_QUEUE_CAPACITY: usize = 65536;
@@ -25,10 +30,21 @@ pub const WRITER_QUEUE_CAPACITY: usize = 65536;
 pub const WRITER_BATCH_MAX: usize = 1024;
 /// Longest wait for more ops after the first one before committing.
 pub const WRITER_BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// Pause between retention passes while a backlog remains (lets batches through in between).
+const RETENTION_BACKLOG_PAUSE: Duration = Duration::from_millis(20);
 
-/// A statistics update for one agent. Times are Unix seconds. Ops for agents that no longer
-/// exist are skipped. Shards should send `AgentSeen` sparingly (e.g. at most once a minute per
-/// connection): each one is a record rewrite.
+/// What a shard asks the writer to commit. Times are Unix seconds.
+///
+/// Agent ops update the agent's row; ops for agents that no longer exist are skipped. Shards
+/// should send `AgentSeen` sparingly (e.g. at most once a minute per connection): each one is a
+/// record rewrite.
+///
+/// Connection ops maintain one [`ConnectionRecord`] per connection, named by `conn_id` (the
+/// relay's `c_…` id for agents, the session id `s_…` for clients) and `opened` (the record's open
+/// time, which is part of its key): `ConnectionOpened` once after the upgrade, optionally
+/// `ConnectionSeen` now and then, `ConnectionClosed` once at the end. An op for a connection with
+/// no record (never opened, the open was dropped, or retention deleted it) is skipped; so is a
+/// second `ConnectionOpened` with the same `conn_id` and `opened`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
     /// Sets `last_connected` (and `last_seen`).
@@ -37,14 +53,59 @@ pub enum WriteOp {
     AgentSeen { agent_id: String, at: u64 },
     /// Sets `last_disconnected` (and raises `last_seen`).
     AgentDisconnected { agent_id: String, at: u64 },
+    /// Stores a new connection record (boxed: keeps every queue slot small). Build it with
+    /// [`ConnectionRecord::new`]. Skipped when `conn_id` or `agent_id` is not a relay id, `user`
+    /// is not 1 to 128 bytes, or `remote` is over [`MAX_REMOTE_BYTES`](super::MAX_REMOTE_BYTES).
+    ConnectionOpened(Box<ConnectionRecord>),
+    /// A live connection's running totals: raises `last_seen`, sets the counters. Optional, and
+    /// like `AgentSeen` a rewrite: at most about once a minute per connection. Ignored once closed.
+    ConnectionSeen {
+        conn_id: String,
+        /// The `opened` of the record sent in `ConnectionOpened`.
+        opened: u64,
+        at: u64,
+        frames_in: u64,
+        frames_out: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+    },
+    /// The connection is gone: its final totals. Sets `closed`, the counters and `close_code`,
+    /// raises `last_seen`.
+    ConnectionClosed {
+        conn_id: String,
+        /// The `opened` of the record sent in `ConnectionOpened`.
+        opened: u64,
+        last_seen: u64,
+        closed: u64,
+        frames_in: u64,
+        frames_out: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+        close_code: Option<u16>,
+    },
 }
 
 impl WriteOp {
-    pub fn agent_id(&self) -> &str {
+    /// The agent an agent op is for; `None` for connection ops.
+    pub fn agent_id(&self) -> Option<&str> {
         match self {
             WriteOp::AgentConnected { agent_id, .. }
             | WriteOp::AgentSeen { agent_id, .. }
-            | WriteOp::AgentDisconnected { agent_id, .. } => agent_id,
+            | WriteOp::AgentDisconnected { agent_id, .. } => Some(agent_id),
+            WriteOp::ConnectionOpened(_)
+            | WriteOp::ConnectionSeen { .. }
+            | WriteOp::ConnectionClosed { .. } => None,
+        }
+    }
+
+    /// The connection a connection op is for; `None` for agent ops.
+    pub fn conn_id(&self) -> Option<&str> {
+        match self {
+            WriteOp::ConnectionOpened(rec) => Some(&rec.conn_id),
+            WriteOp::ConnectionSeen { conn_id, .. } | WriteOp::ConnectionClosed { conn_id, .. } => {
+                Some(conn_id)
+            }
+            _ => None,
         }
     }
 
@@ -62,6 +123,9 @@ impl WriteOp {
                 rec.last_disconnected = Some(at);
                 seen(rec, at);
             }
+            WriteOp::ConnectionOpened(_)
+            | WriteOp::ConnectionSeen { .. }
+            | WriteOp::ConnectionClosed { .. } => {}
         }
     }
 }
@@ -79,9 +143,12 @@ enum Msg {
 pub struct WriterStats {
     /// Committed write transactions.
     pub batches: u64,
-    /// Ops in committed batches (applied or skipped).
+    /// Ops in committed batches (applied or skipped). Ops commit in queue order, so with one
+    /// sending thread and no [`lost_ops`](Self::lost_ops), the first `ops` ops it queued are
+    /// durable.
     pub ops: u64,
-    /// Ops skipped because their agent does not exist.
+    /// Ops skipped: their agent or connection record does not exist, or the record is
+    /// malformed or a duplicate.
     pub skipped: u64,
     /// Size of the last committed batch (a gauge).
     pub last_batch_size: u64,
@@ -89,6 +156,12 @@ pub struct WriterStats {
     pub last_commit_micros: u64,
     /// Batches lost to an LMDB error.
     pub commit_errors: u64,
+    /// Ops in batches lost to an LMDB error.
+    pub lost_ops: u64,
+    /// Connection records deleted by retention.
+    pub pruned: u64,
+    /// Retention passes that failed (retried at the next interval).
+    pub prune_errors: u64,
     /// Ops refused by [`WriterHandle::send`] (queue full or writer shut down).
     pub dropped: u64,
     /// Ops waiting in the queue now (a gauge).
@@ -103,6 +176,9 @@ struct Counters {
     last_batch_size: AtomicU64,
     last_commit_micros: AtomicU64,
     commit_errors: AtomicU64,
+    lost_ops: AtomicU64,
+    pruned: AtomicU64,
+    prune_errors: AtomicU64,
     dropped: AtomicU64,
 }
 
@@ -127,11 +203,22 @@ impl std::fmt::Debug for WriterHandle {
     }
 }
 
-/// Start the writer thread for `store` (one per daemon).
+/// Start the writer thread for `store` (one per daemon) with the default retention
+/// ([`RetentionPolicy::default`]: 100 000 records, 30 days).
 ///
 /// # Panics
 /// If the OS refuses to create a thread.
 pub fn spawn_writer(store: Store) -> WriterHandle {
+    spawn_writer_with(store, RetentionPolicy::default())
+}
+
+/// Start the writer thread for `store` (one per daemon), keeping connection records within
+/// `retention` (from the `[records]` config section:
+/// `RetentionPolicy::new(c.records.max_records, c.records.max_age_days)`).
+///
+/// # Panics
+/// If the OS refuses to create a thread.
+pub fn spawn_writer_with(store: Store, retention: RetentionPolicy) -> WriterHandle {
     let (tx, rx) = crossbeam_channel::bounded(WRITER_QUEUE_CAPACITY);
     let shared = Arc::new(Shared {
         counters: Counters::default(),
@@ -143,7 +230,7 @@ pub fn spawn_writer(store: Store) -> WriterHandle {
     let join = std::thread::Builder::new()
         .name("sb-store-writer".into())
         .spawn(move || {
-            run(&store, &rx, &thread_shared.counters);
+            run(&store, &rx, &thread_shared.counters, &retention);
             thread_shared.exited.store(true, Release);
         })
         .expect("spawning the store writer thread");
@@ -163,18 +250,20 @@ impl WriterHandle {
     }
 
     /// Block until everything queued before this call is committed (tests, `/readyz`, drain).
-    /// `false` if the writer is gone.
+    /// `false` if the writer is gone, or if a commit failed while waiting (then some of what was
+    /// queued before may be lost).
     pub fn flush(&self) -> bool {
         if self.shared.closed.load(Relaxed) {
             return false;
         }
+        let errors_before = self.shared.counters.commit_errors.load(Acquire);
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         if self.tx.send(Msg::Flush(done_tx)).is_err() {
             return false;
         }
         loop {
             match done_rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(()) => return true,
+                Ok(()) => return self.shared.counters.commit_errors.load(Acquire) == errors_before,
                 Err(RecvTimeoutError::Disconnected) => return false,
                 // The writer may have exited after our message was queued: it will never answer.
                 Err(RecvTimeoutError::Timeout) if self.shared.exited.load(Acquire) => return false,
@@ -208,6 +297,9 @@ impl WriterHandle {
             last_batch_size: c.last_batch_size.load(Relaxed),
             last_commit_micros: c.last_commit_micros.load(Relaxed),
             commit_errors: c.commit_errors.load(Relaxed),
+            lost_ops: c.lost_ops.load(Relaxed),
+            pruned: c.pruned.load(Relaxed),
+            prune_errors: c.prune_errors.load(Relaxed),
             dropped: c.dropped.load(Relaxed),
             queued: self.tx.len() as u64,
         }
@@ -231,11 +323,20 @@ enum Next {
     Exit,
 }
 
-fn run(store: &Store, rx: &Receiver<Msg>, counters: &Counters) {
+fn run(store: &Store, rx: &Receiver<Msg>, counters: &Counters, retention: &RetentionPolicy) {
     let mut batch: Vec<WriteOp> = Vec::with_capacity(WRITER_BATCH_MAX + 1);
     let mut flushes: Vec<Sender<()>> = Vec::new();
+    // The first retention pass runs at start (bounds may have been lowered since the last run).
+    let mut next_retention = Instant::now();
     loop {
-        let Ok(first) = rx.recv() else { return };
+        let first = match rx.recv_deadline(next_retention) {
+            Ok(msg) => msg,
+            Err(RecvTimeoutError::Timeout) => {
+                next_retention = retain(store, retention, counters);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         let mut next = Next::Continue;
         let mut window_open = accept(first, &mut batch, &mut flushes, &mut next);
         let deadline = Instant::now() + WRITER_BATCH_WINDOW;
@@ -261,7 +362,33 @@ fn run(store: &Store, rx: &Receiver<Msg>, counters: &Counters) {
                 return;
             }
         }
+        if Instant::now() >= next_retention {
+            next_retention = retain(store, retention, counters);
+        }
     }
+}
+
+/// One retention pass; returns when the next one is due.
+fn retain(store: &Store, retention: &RetentionPolicy, counters: &Counters) -> Instant {
+    let pause = match store.prune_connections(retention, unix_now(), RETENTION_MAX_DELETES) {
+        Ok(outcome) => {
+            counters.pruned.fetch_add(outcome.deleted as u64, Relaxed);
+            if outcome.deleted > 0 {
+                tracing::debug!(deleted = outcome.deleted, more = outcome.more, "store retention pass");
+            }
+            if outcome.more {
+                RETENTION_BACKLOG_PAUSE
+            } else {
+                retention.check_interval
+            }
+        }
+        Err(e) => {
+            counters.prune_errors.fetch_add(1, Relaxed);
+            tracing::error!(error = %e, "store retention: pass failed");
+            retention.check_interval
+        }
+    };
+    Instant::now() + pause
 }
 
 /// Take one message into the batch; returns whether to keep waiting for more.
@@ -317,7 +444,8 @@ fn commit(store: &Store, batch: &mut Vec<WriteOp>, counters: &Counters) {
             counters.last_commit_micros.store(micros, Relaxed);
         }
         Err(e) => {
-            counters.commit_errors.fetch_add(1, Relaxed);
+            counters.lost_ops.fetch_add(batch.len() as u64, Relaxed);
+            counters.commit_errors.fetch_add(1, Release);
             tracing::error!(error = %e, ops = batch.len(), "store writer: commit failed, batch lost");
         }
     }
