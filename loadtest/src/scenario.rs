@@ -310,6 +310,11 @@ pub fn idle(a: IdleArgs) -> anyhow::Result<i32> {
         )),
         cpu.wall_secs
     );
+    println!(
+        "machine while idle:       busy {}, CPU pressure {}",
+        cpu.machine_busy.map(|m| format!("{:.0} %", m * 100.0)).unwrap_or_else(|| "n/a".into()),
+        cpu.cpu_pressure.map(|m| format!("{:.0} %", m * 100.0)).unwrap_or_else(|| "n/a".into())
+    );
     println!("closed by the relay:      {}", fmt_map(&acc.closes));
     println!("frames while idle:        {}", fmt_map(&acc.other_frames));
     if let Some(e) = &exit {
@@ -503,10 +508,11 @@ pub fn relay(a: RelayArgs) -> anyhow::Result<i32> {
         .map(|u| u.map(|u| format!("{:.0} %", u * 100.0)).unwrap_or_else(|| "n/a".into()))
         .collect();
     println!(
-        "generator threads:   {} of a core each{}; machine busy {}",
+        "generator threads:   {} of a core each{}; machine busy {}, CPU pressure {}",
         utils.join(", "),
         if saturated { " — SATURATED: the generator may be the bottleneck" } else { "" },
-        send_cpu.machine_busy.map(|m| format!("{:.0} %", m * 100.0)).unwrap_or_else(|| "n/a".into())
+        send_cpu.machine_busy.map(|m| format!("{:.0} %", m * 100.0)).unwrap_or_else(|| "n/a".into()),
+        send_cpu.cpu_pressure.map(|m| format!("{:.0} %", m * 100.0)).unwrap_or_else(|| "n/a".into())
     );
     println!(
         "daemon RSS:          before {}, connected {}, end {}, peak {}",

@@ -102,6 +102,14 @@ pub fn machine_cpu() -> Option<(f64, f64)> {
     Some(((total - idle) as f64 / t, total as f64 / t))
 }
 
+/// Microseconds during which some runnable task waited for a CPU (/proc/pressure/cpu, PSI
+/// "some" total); None where the kernel has no PSI.
+pub fn cpu_pressure_us() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
+    let line = text.lines().find(|l| l.starts_with("some"))?;
+    line.split_whitespace().find_map(|f| f.strip_prefix("total="))?.parse().ok()
+}
+
 /// CPU counters of the daemon, the generator's threads and the machine at one instant;
 /// two of them give utilisation over an interval.
 #[derive(Debug, Clone)]
@@ -111,6 +119,7 @@ pub struct CpuSnap {
     pub threads: Vec<Option<f64>>,
     pub generator: Option<f64>,
     pub machine: Option<(f64, f64)>,
+    pub pressure_us: Option<u64>,
 }
 
 impl CpuSnap {
@@ -121,6 +130,7 @@ impl CpuSnap {
             threads: tids.iter().map(|&t| thread_cpu_secs(t)).collect(),
             generator: cpu_secs(std::process::id()),
             machine: machine_cpu(),
+            pressure_us: cpu_pressure_us(),
         }
     }
 }
@@ -139,6 +149,9 @@ pub struct CpuUse {
     pub generator_cores: Option<f64>,
     /// Fraction of all the machine's cores that were busy (every process, not just ours).
     pub machine_busy: Option<f64>,
+    /// Fraction of the time some runnable task waited for a CPU (PSI): near 1 means the
+    /// machine was oversubscribed and latency includes run-queue waits.
+    pub cpu_pressure: Option<f64>,
 }
 
 pub fn cpu_use(a: &CpuSnap, b: &CpuSnap) -> CpuUse {
@@ -164,7 +177,12 @@ pub fn cpu_use(a: &CpuSnap, b: &CpuSnap) -> CpuUse {
         (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => Some((b1 - b0) / (t1 - t0)),
         _ => None,
     };
+    let pressure = match (a.pressure_us, b.pressure_us) {
+        (Some(x), Some(y)) => Some((y.saturating_sub(x)) as f64 / 1e6 / wall),
+        _ => None,
+    };
     CpuUse {
+        cpu_pressure: pressure,
         wall_secs: wall,
         daemon_cpu_secs: daemon,
         daemon_cores: daemon.map(|d| d / wall),
