@@ -59,7 +59,11 @@ fn serve(mut s: TcpStream, global: &Global, handle: &PrometheusHandle) -> std::i
         }
         ("GET", "/healthz") => ("200 OK", "application/json", r#"{"status":"ok"}"#.into()),
         ("GET", "/readyz") => {
-            let ready = !draining && global.shards_accepting.load(Ordering::SeqCst) == global.shard_count();
+            // Every shard accepting, and the store able to commit (a real write through the
+            // writer thread).
+            let ready = !draining
+                && global.shards_accepting.load(Ordering::SeqCst) == global.shard_count()
+                && global.writer.probe();
             if ready {
                 ("200 OK", "application/json", r#"{"status":"ready"}"#.into())
             } else {

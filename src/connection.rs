@@ -124,6 +124,8 @@ pub struct Conn {
     pub ident: Ident,
     pub peer: SocketAddr,
     pub opened: Instant,
+    /// Unix seconds at open: part of the connection record's key.
+    pub opened_unix: u64,
     pub st: RefCell<ConnState>,
     notified: Cell<bool>,
     waker: Cell<Option<Waker>>,
@@ -435,6 +437,7 @@ pub fn register(shard: &Rc<ShardCtx>, stream: &TcpStream, accepted: Accepted) ->
         ident,
         peer,
         opened: now,
+        opened_unix: crate::shard::local::unix_now(),
         st: RefCell::new(st),
         notified: Cell::new(false),
         waker: Cell::new(None),
@@ -449,6 +452,7 @@ pub fn register(shard: &Rc<ShardCtx>, stream: &TcpStream, accepted: Accepted) ->
         shard.mark_dirty(&conn, &mut st);
     }
     crate::metrics::conn_opened(conn.role_label());
+    record_open(shard, &conn);
     match &conn.ident {
         Ident::Agent { agent_id, conn_id } => {
             tracing::info!(role = "agent", agent = %agent_id, conn = %conn_id, peer = %peer, "connection opened");
@@ -640,6 +644,50 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
     shard.mark_dirty(conn, &mut st);
 }
 
+/// The connection's record (spec: who connected, from where, when): its id, user, role,
+/// agent (the bound one for a client) and remote address.
+fn record_open(shard: &ShardCtx, conn: &Conn) {
+    use crate::store::{ConnectionRecord, Role, WriteOp};
+    let (id, role, agent) = match &conn.ident {
+        Ident::Agent { agent_id, conn_id } => (conn_id.to_string(), Role::Agent, Some(agent_id.to_string())),
+        Ident::Client { session } => {
+            let bound = match &conn.st.borrow().role {
+                RoleState::Client { bound, .. } => bound.as_deref().map(str::to_string),
+                _ => None,
+            };
+            (session.to_string(), Role::Client, bound)
+        }
+        Ident::Echo => return,
+    };
+    let user = conn.user.borrow().user.to_string();
+    let rec = ConnectionRecord::new(id, user, role, agent, conn.peer, conn.opened_unix);
+    // A full writer queue drops the record; the writer counts it
+    // (switchboard_store_ops_dropped_total).
+    shard.global.writer.send(WriteOp::ConnectionOpened(Box::new(rec)));
+}
+
+fn record_close(shard: &ShardCtx, conn: &Conn, st: &ConnState, code: u16) {
+    let id = match &conn.ident {
+        Ident::Agent { conn_id, .. } => conn_id.to_string(),
+        Ident::Client { session } => session.to_string(),
+        Ident::Echo => return,
+    };
+    let now = crate::shard::local::unix_now();
+    let last_seen = now.saturating_sub(shard.now().saturating_duration_since(st.last_rx).as_secs());
+    let op = crate::store::WriteOp::ConnectionClosed {
+        conn_id: id,
+        opened: conn.opened_unix,
+        last_seen,
+        closed: now,
+        frames_in: st.frames_in,
+        frames_out: st.frames_out,
+        bytes_in: st.bytes_in,
+        bytes_out: st.bytes_out,
+        close_code: Some(code),
+    };
+    shard.global.writer.send(op);
+}
+
 /// Removes the connection from its shard and user; tells the others.
 fn unregister(shard: &ShardCtx, conn: &ConnRef) {
     shard.conns.borrow_mut().try_remove(conn.key.get());
@@ -647,6 +695,7 @@ fn unregister(shard: &ShardCtx, conn: &ConnRef) {
     let st = conn.st.borrow();
     let code = st.close_code.unwrap_or(1006);
     crate::metrics::conn_closed(conn.role_label(), code);
+    record_close(shard, conn, &st, code);
     match &conn.ident {
         Ident::Agent { agent_id, conn_id } => {
             tracing::info!(role = "agent", agent = %agent_id, conn = %conn_id, code, frames_in = st.frames_in, frames_out = st.frames_out, "connection closed");

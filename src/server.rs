@@ -142,7 +142,8 @@ pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyho
         .with_context(|| format!("bind admin listener {}", config.server.admin_listen))?;
     let admin_addr = admin.local_addr()?;
     let prom = crate::metrics::install();
-    let writer = store::spawn_writer(store.clone());
+    let retention = store::RetentionPolicy::new(config.records.max_records, config.records.max_age_days);
+    let writer = store::spawn_writer_with(store.clone(), retention);
     let (inboxes, receivers) = shard::channels(n);
     let global = Arc::new(Global {
         config: RwLock::new(Arc::new(config.clone())),

@@ -68,6 +68,8 @@ const SCHEMA_VERSION: u64 = 1;
 const MAX_DBS: u32 = 16;
 const MAX_READERS: u32 = 1024;
 const META_SCHEMA: &str = "schema_version";
+/// Written by the writer's readiness probe.
+const META_PROBE: &str = "readyz_probe";
 const META_GENERATION: &str = "change_generation";
 /// LMDB's data file inside the environment directory.
 const DATA_FILE: &str = "data.mdb";
@@ -622,6 +624,11 @@ impl Store {
         let mut touched: HashMap<&str, Option<AgentRecord>> = HashMap::with_capacity(ops.len());
         let mut outcome = BatchOutcome::default();
         for op in ops {
+            if let WriteOp::Probe { at } = op {
+                self.inner.meta.put(&mut wtxn, META_PROBE, &at.to_be_bytes())?;
+                outcome.applied += 1;
+                continue;
+            }
             let applied = match op.agent_id() {
                 None => connections::apply_in(self, &mut wtxn, op)?,
                 Some(id) => {

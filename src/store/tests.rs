@@ -779,3 +779,39 @@ fn handles_are_send_and_sync() {
     send::<DataDirLock>();
     send::<StoreError>();
 }
+
+#[test]
+fn probe_fails_when_the_store_cannot_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1).unwrap();
+    let writer = spawn_writer(store.clone());
+    assert!(writer.probe(), "a fresh store commits");
+    // Fill the 1 MiB map with agents until LMDB refuses more.
+    let mut full = false;
+    for i in 0..100_000 {
+        if store
+            .create_agent(&format!("user-{i:06}-{}", "x".repeat(100)), "n", NewCredential::Hmac, None)
+            .is_err()
+        {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the map never filled");
+    // Records through the writer now fail to commit: the store is not ready.
+    for i in 0..64 {
+        let rec = ConnectionRecord::new(
+            format!("c_{i:016}"),
+            "u".repeat(100),
+            Role::Client,
+            None,
+            "127.0.0.1:1",
+            1,
+        );
+        writer.send(WriteOp::ConnectionOpened(Box::new(rec)));
+    }
+    writer.flush();
+    let failed = !writer.probe();
+    assert!(failed, "a store that cannot commit must fail the probe");
+    writer.shutdown();
+}

@@ -24,6 +24,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use super::{unix_now, AgentRecord, ConnectionRecord, RetentionPolicy, Store, RETENTION_MAX_DELETES};
 
+/// How long a failed commit keeps `/readyz` red (seconds).
+pub const PROBE_ERROR_WINDOW: u64 = 30;
+
 /// Capacity of the writer's queue, in ops.
 pub const WRITER_QUEUE_CAPACITY: usize = 65536;
 /// Most ops gathered after the first one before committing.
@@ -71,6 +74,8 @@ pub enum WriteOp {
     },
     /// The connection is gone: its final totals. Sets `closed`, the counters and `close_code`,
     /// raises `last_seen`.
+    /// Writes a marker in `meta`: proves the store can commit (`/readyz`).
+    Probe { at: u64 },
     ConnectionClosed {
         conn_id: String,
         /// The `opened` of the record sent in `ConnectionOpened`.
@@ -94,7 +99,8 @@ impl WriteOp {
             | WriteOp::AgentDisconnected { agent_id, .. } => Some(agent_id),
             WriteOp::ConnectionOpened(_)
             | WriteOp::ConnectionSeen { .. }
-            | WriteOp::ConnectionClosed { .. } => None,
+            | WriteOp::ConnectionClosed { .. }
+            | WriteOp::Probe { .. } => None,
         }
     }
 
@@ -125,7 +131,8 @@ impl WriteOp {
             }
             WriteOp::ConnectionOpened(_)
             | WriteOp::ConnectionSeen { .. }
-            | WriteOp::ConnectionClosed { .. } => {}
+            | WriteOp::ConnectionClosed { .. }
+            | WriteOp::Probe { .. } => {}
         }
     }
 }
@@ -176,6 +183,8 @@ struct Counters {
     last_batch_size: AtomicU64,
     last_commit_micros: AtomicU64,
     commit_errors: AtomicU64,
+    /// Unix seconds of the last failed commit (0: never).
+    last_error_at: AtomicU64,
     lost_ops: AtomicU64,
     pruned: AtomicU64,
     prune_errors: AtomicU64,
@@ -247,6 +256,16 @@ impl WriterHandle {
         }
         self.shared.counters.dropped.fetch_add(1, Relaxed);
         false
+    }
+
+    /// Readiness of the store (`/readyz`): a marker committed through the writer, and no
+    /// batch lost to a failed commit in the last [`PROBE_ERROR_WINDOW`] (a full map or disk
+    /// refuses records long before it refuses an 8-byte marker).
+    pub fn probe(&self) -> bool {
+        let last_error = self.shared.counters.last_error_at.load(Relaxed);
+        let recent_error =
+            last_error != 0 && super::unix_now().saturating_sub(last_error) < PROBE_ERROR_WINDOW;
+        self.send(WriteOp::Probe { at: super::unix_now() }) && self.flush() && !recent_error
     }
 
     /// Block until everything queued before this call is committed (tests, `/readyz`, drain).
@@ -445,6 +464,7 @@ fn commit(store: &Store, batch: &mut Vec<WriteOp>, counters: &Counters) {
         }
         Err(e) => {
             counters.lost_ops.fetch_add(batch.len() as u64, Relaxed);
+            counters.last_error_at.store(super::unix_now(), Relaxed);
             counters.commit_errors.fetch_add(1, Release);
             tracing::error!(error = %e, ops = batch.len(), "store writer: commit failed, batch lost");
         }
