@@ -18,6 +18,7 @@
 //! - [`ids`]        relay-assigned ids (conn, session, agent).
 //! - [`server`]     `serve`: assembles the daemon and runs it until a signal.
 //! - [`logging`]    JSON-lines logs on stdout.
+//! - [`systemd`]    every sd_notify message (READY, STATUS, WATCHDOG, STOPPING) and the watchdog thread.
 
 pub mod admin;
 pub mod auth;
@@ -36,4 +37,5 @@ pub mod router;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod systemd;
 pub mod ws;
