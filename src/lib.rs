@@ -12,6 +12,7 @@
 //! - [`proxy`]      PROXY protocol v2 headers and the trusted upstream networks.
 //! - [`protocol`]   the in-place envelope parser and every outbound frame builder.
 //! - [`auth`]       agent upgrade/message signatures, the nonce window, JWT verification.
+//! - [`systemd`]    every sd_notify call: READY, STATUS, WATCHDOG, STOPPING, RELOADING.
 //! - [`tls`]        native TLS (rustls, ring) driven by readiness like plain sockets.
 //! - [`store`]      LMDB (heed): typed tables, the writer thread, the data-dir lock.
 //! - [`cli`]        `agent` and `token` subcommands.
@@ -20,6 +21,7 @@
 //! - [`ids`]        relay-assigned ids (conn, session, agent).
 //! - [`server`]     `serve`: assembles the daemon and runs it until a signal.
 //! - [`logging`]    JSON-lines logs on stdout.
+//! - [`systemd`]    every sd_notify message (READY, STATUS, WATCHDOG, STOPPING) and the watchdog thread.
 
 pub mod admin;
 pub mod auth;
@@ -39,5 +41,6 @@ pub mod router;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 pub mod ws;

@@ -160,10 +160,13 @@ pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyho
     });
     let cpus = shard::allowed_cpus();
     let mut threads = Vec::new();
+    let shards_alive = crate::systemd::ShardLiveness::default(); // systemd watchdog
     for (idx, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
         let g = global.clone();
         let cpu = cpus[idx % cpus.len().max(1)];
+        let alive = shards_alive.guard(); // systemd watchdog
         let t = std::thread::Builder::new().name(format!("switchboard-shard-{idx}")).spawn(move || {
+            let _alive = alive; // systemd watchdog
             shard::pin_to(cpu);
             if let Err(e) = shard::run(idx, g, listener, inbox) {
                 tracing::error!(shard = idx, error = %e, "shard failed");
@@ -206,10 +209,19 @@ pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyho
         "switchboard serving"
     );
     println!("{}", serde_json::json!({ "listening": public.to_string(), "admin": admin_addr.to_string() }));
+    crate::systemd::serving(public, admin_addr, n, uring);
+    crate::systemd::spawn_watchdog(move || shards_alive.count() == n);
     loop {
         let sig = wait_signal(&sigset);
         if sig == libc::SIGHUP {
-            match reload(&global, &load) {
+            crate::systemd::reloading();
+            let outcome = reload(&global, &load);
+            crate::systemd::reloaded(if outcome.is_ok() {
+                "configuration reloaded"
+            } else {
+                "configuration refused; the old one stays"
+            });
+            match outcome {
                 Ok(()) => tracing::info!("SIGHUP: configuration reloaded"),
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "SIGHUP: configuration refused; the old one stays")
@@ -220,6 +232,7 @@ pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyho
         break;
     }
     tracing::info!("shutting down: closing connections with 1001");
+    crate::systemd::draining();
     global.draining.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(global.config().server.shutdown_timeout_secs);
     for inbox in &global.inboxes {
