@@ -789,3 +789,17 @@ proptest! {
         prop_assert!(es_verifier().verify_at(&token, NOW).is_err());
     }
 }
+
+/// REGRESSION (fixed in src/auth/jwt.rs `rsa_components`, found reviewing the key loader for
+/// the `jwt` fuzz target): an RS256 public key whose modulus is zero or empty made it compute
+/// `0 * 8 - 8`, an overflow panic in debug builds (a wrap, then a refusal, in release), when
+/// the configuration is loaded or reloaded. A bad key file must be a refused configuration.
+#[test]
+fn rs256_key_with_a_zero_or_empty_modulus_is_refused_not_a_panic() {
+    for der_b64 in ["MAYCAQACAQM=", "MAQCAAIA"] {
+        let pem = format!("-----BEGIN RSA PUBLIC KEY-----\n{der_b64}\n-----END RSA PUBLIC KEY-----\n");
+        let settings =
+            JwtSettings { public_keys: vec![("RS256".into(), pem.into_bytes())], ..JwtSettings::default() };
+        assert!(JwtVerifier::new(&settings).is_err(), "{der_b64}");
+    }
+}

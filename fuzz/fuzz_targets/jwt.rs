@@ -5,7 +5,10 @@
 //! - mode 0: the token, as is, to both verifiers;
 //! - mode 1/2: a JOSE header and a claims set (raw bytes, split at the first NUL), encoded
 //!   and correctly signed with the HS256 secret (1) or the ES256 key (2), so the fuzzer
-//!   reaches the header rules and every claim rule behind the signature check.
+//!   reaches the header rules and every claim rule behind the signature check;
+//! - mode 3: DER bytes wrapped as a `PUBLIC KEY` or `RSA PUBLIC KEY` PEM, loaded as an RS256,
+//!   ES256 and EdDSA key (`JwtVerifier::new`: operator input, but a bad key file on SIGHUP
+//!   must be refused, never crash the daemon).
 //!
 //! Checked: never a panic; an accepted token's user id is 1..=128 bytes and it is not
 //! expired at the time it was checked (leeway aside); a token never verifies under the other
@@ -68,7 +71,20 @@ fn check_accepted(token: &str, v: &JwtVerifier) {
 fuzz_target!(|data: &[u8]| {
     let f = fixture();
     let Some((&mode, rest)) = data.split_first() else { return };
-    match mode % 3 {
+    match mode % 4 {
+        3 => {
+            let Some((&label, der)) = rest.split_first() else { return };
+            let label = if label & 1 == 0 { "PUBLIC KEY" } else { "RSA PUBLIC KEY" };
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+            let pem = format!("-----BEGIN {label}-----\n{b64}\n-----END {label}-----\n");
+            for alg in ["RS256", "ES256", "EdDSA"] {
+                let settings =
+                    JwtSettings { public_keys: vec![(alg.into(), pem.clone().into_bytes())], ..JwtSettings::default() };
+                if let Ok(v) = JwtVerifier::new(&settings) {
+                    let _ = v.verify_at("eyJhbGciOiJSUzI1NiJ9.e30.AAAA", NOW);
+                }
+            }
+        }
         0 => {
             let Ok(token) = std::str::from_utf8(rest) else { return };
             // Nobody forges an HMAC or ECDSA signature by fuzzing.
