@@ -122,7 +122,7 @@ fn rsa_err(what: &str) -> JwtError {
 fn rsa_components(n: &[u8], e: &[u8]) -> Result<RsaPublicKeyComponents<Vec<u8>>, JwtError> {
     let n = strip_leading_zeros(n);
     let e = strip_leading_zeros(e);
-    let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);
+    let bits = (n.len() * 8).saturating_sub(n.first().map_or(8, |b| b.leading_zeros() as usize));
     if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
         return Err(rsa_err("modulus must be 2048 to 8192 bits"));
     }

@@ -1,0 +1,46 @@
+//! The public listener's request-head parser on arbitrary bytes: `parse_request` (at the
+//! default 8 KiB limit and at the smallest configurable one, 1 KiB), then `check_upgrade`,
+//! `client_token` and the redacting `Debug`.
+//!
+//! Besides "never panics", it checks what the handshake relies on:
+//! - a complete head lies within the buffer and the limit;
+//! - parsing exactly the head gives the same request (nothing past CRLFCRLF is looked at);
+//! - the 1 KiB and 8 KiB limits agree whenever the head fits in 1 KiB;
+//! - `Debug` never prints a credential.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use switchboard::http::{check_upgrade, parse_request, Refusal};
+
+fuzz_target!(|data: &[u8]| {
+    let big = parse_request(data, 8192);
+    let small = parse_request(data, 1024);
+    if let Ok(Some(req)) = &big {
+        assert!(req.head_len <= data.len() && req.head_len <= 8192);
+        assert_eq!(parse_request(&data[..req.head_len], 8192), Ok(Some(req.clone())));
+        if req.head_len <= 1024 {
+            assert_eq!(&small, &Ok(Some(req.clone())));
+        } else {
+            assert_eq!(small, Err(Refusal::HeadersTooLarge));
+        }
+        let _ = check_upgrade(req);
+        let token = req.client_token();
+        let dbg = format!("{req:?}");
+        for secret in [&req.bearer_from_authorization, &req.bearer_from_protocol, &req.access_token, &req.x_signature]
+            .into_iter()
+            .flatten()
+        {
+            // Short values could occur in the Debug text by chance (a field name, "Some").
+            if secret.len() >= 12 {
+                assert!(!dbg.contains(secret.as_str()), "credential in Debug output");
+            }
+        }
+        if let Some(t) = token {
+            assert!(!t.is_empty());
+        }
+    }
+    if let Ok(Some(req)) = &small {
+        assert!(req.head_len <= 1024);
+        assert_eq!(&big, &Ok(Some(req.clone())));
+    }
+});
