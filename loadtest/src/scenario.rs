@@ -61,6 +61,10 @@ fn setup(t: &TargetArgs, quiet: bool, users: usize, apu: usize, cpu: usize) -> a
         let plan = Arc::new(Plan::build(&names, &agents, &tokens, cpu));
         let config = std::fs::read_to_string(&d.config_path).unwrap_or_default();
         let pid = d.pid();
+        let kept = if t.keep_daemon_dir { d.keep_dir() } else { None };
+        if let Some(p) = &kept {
+            progress(quiet, format!("keeping the daemon's dir {}", p.display()));
+        }
         let info = json!({
             "mode": "spawn",
             "bin": bin.display().to_string(),
@@ -71,14 +75,9 @@ fn setup(t: &TargetArgs, quiet: bool, users: usize, apu: usize, cpu: usize) -> a
             "driver": t.driver,
             "config": config,
             "daemon_nofile": sys::nofile_of(pid),
-            "log": d.log_path.display().to_string(),
+            "log": kept.as_ref().map(|_| d.log_path.display().to_string()),
             "setup_secs": started.elapsed().as_secs_f64(),
         });
-        if t.keep_daemon_dir {
-            if let Some(p) = d.keep_dir() {
-                progress(quiet, format!("keeping the daemon's dir {}", p.display()));
-            }
-        }
         return Ok(Setup { addr: d.addr, pid: Some(pid), spawned: Some(d), plan, info });
     }
     let addr = t.addr.context("--addr or --spawn is required")?;
