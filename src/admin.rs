@@ -18,12 +18,17 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("switchboard-admin".into())
         .spawn(move || {
-            let mut upkeep = std::time::Instant::now();
+            // Histograms keep raw samples until upkeep folds them in: without it they would
+            // grow with every relayed message when nobody scrapes.
+            let h = handle.clone();
+            std::thread::Builder::new()
+                .name("switchboard-metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    h.run_upkeep();
+                })
+                .expect("spawn metrics upkeep thread");
             for stream in listener.incoming().flatten() {
-                if upkeep.elapsed() > Duration::from_secs(5) {
-                    handle.run_upkeep();
-                    upkeep = std::time::Instant::now();
-                }
                 let _ = serve(stream, &global, &handle);
             }
         })

@@ -196,12 +196,19 @@ impl ConnState {
         self.outq.push_back(frame);
     }
 
-    /// Moves what tungstenite wants to send (control frames) onto the queue, outside the
-    /// budget: they are tiny and bounded by the peer's own input.
-    pub fn pump_control(&mut self) {
-        if let Some(b) = self.ws.take_output() {
-            self.push_unbudgeted(b);
+    /// Moves what tungstenite wants to send (pongs, close replies) onto the queue. They count
+    /// toward the budget like data: a peer that pings without ever reading is a slow consumer
+    /// (4008), not a way to grow our memory.
+    pub fn pump_control(&mut self, budget: usize, now: Instant) {
+        let Some(b) = self.ws.take_output() else { return };
+        if self.out_bytes + b.len() > budget {
+            if self.phase == Phase::Open {
+                self.close_slow_consumer(now);
+            }
+            // Closing already: our close frame is queued; what the peer provokes now is dropped.
+            return;
         }
+        self.push_unbudgeted(b);
     }
 
     /// Queues bytes outside the budget (the 101 response, control frames).
@@ -259,7 +266,10 @@ impl ConnState {
             return;
         }
         self.ws.close(code, reason);
-        self.pump_control();
+        // The close frame itself always goes out (behind a partly written frame at most).
+        if let Some(b) = self.ws.take_output() {
+            self.push_unbudgeted(b);
+        }
         self.close_code = Some(code);
         self.phase = Phase::Closing(now + CLOSE_DEADLINE);
     }
@@ -640,7 +650,8 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
             }
         }
     }
-    st.pump_control();
+    let budget = shard.cfg().limits.send_buffer_bytes;
+    st.pump_control(budget, now);
     shard.mark_dirty(conn, &mut st);
 }
 

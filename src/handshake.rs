@@ -168,7 +168,7 @@ pub async fn run(shard: Rc<ShardCtx>, stream: TcpStream, mut peer: SocketAddr, s
         match http::parse_request(head, max_head) {
             Ok(None) => continue,
             Ok(Some(r)) => break r,
-            Err(refusal) => return refuse(stream, tls, peer, refusal, "malformed_head").await,
+            Err(refusal) => return refuse(stream, tls, peer, refusal, refusal.code()).await,
         }
     };
     let head = if tls.is_some() || buf.capacity() > 0 { &buf } else { &raw };
@@ -258,9 +258,9 @@ fn check(
     }
     if req.endpoint == Endpoint::Echo && !cfg.server.echo_endpoint {
         let r = if req.method_is_get { Refusal::NotFound } else { Refusal::MethodNotAllowed };
-        return Err((r, r.reason()));
+        return Err((r, r.code()));
     }
-    http::check_upgrade(req).map_err(|r| (r, r.reason()))?;
+    http::check_upgrade(req).map_err(|r| (r, r.code()))?;
     let now = unix_now();
     let unauthorized = |reason| (Refusal::Unauthorized, reason);
     match req.endpoint {

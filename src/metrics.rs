@@ -4,7 +4,7 @@
 //!
 //! The message path never touches a shared atomic: each shard counts frames, bytes and relay
 //! latency in plain `Cell`s ([`ShardStats`]) and its sweeper publishes the deltas every
-//! 250 ms through handles cached per shard ([`ShardMetrics`]). Rare events (connections,
+//! second through handles cached per shard ([`ShardMetrics`]). Rare events (connections,
 //! refusals, drops) record directly.
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};

@@ -38,6 +38,8 @@ pub struct UserState {
     /// When the user started being continuously over its rate, and when it last was.
     over_since: Option<Instant>,
     last_limited: Option<Instant>,
+    /// Whether this user is on its shard's list of users with an agent in offline grace.
+    pub in_grace_list: bool,
 }
 
 impl UserState {
@@ -50,12 +52,18 @@ impl UserState {
             bucket: TokenBucket::new(burst, now),
             over_since: None,
             last_limited: None,
+            in_grace_list: false,
         }
     }
 
     /// True when nothing keeps this state alive.
     pub fn is_empty(&self) -> bool {
         self.conns == 0 && self.agents.is_empty()
+    }
+
+    /// Whether an agent of this user is offline within its grace period.
+    pub fn has_agent_in_grace(&self) -> bool {
+        self.agents.values().any(|s| s.conn.is_none())
     }
 }
 
@@ -457,6 +465,10 @@ pub fn on_close(shard: &ShardCtx, conn: &ConnRef) {
                 drop(user);
                 expire_grace(shard, &conn.user, now);
                 user = conn.user.borrow_mut();
+            } else if !user.in_grace_list {
+                // The sweeper visits only users with an agent in its grace period.
+                user.in_grace_list = true;
+                shard.grace_users.borrow_mut().push(conn.user.clone());
             }
         }
         Ident::Client { session } => {

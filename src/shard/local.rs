@@ -22,7 +22,10 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the sweeper visits every connection. Its cost is one borrow and a few clock
+/// comparisons per connection; deadlines (heartbeat, idle, token expiry, close) are kept to
+/// within this granularity.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -41,6 +44,8 @@ pub struct ShardCtx {
     trusted: RefCell<crate::proxy::TrustedNets>,
     pub users: RefCell<HashMap<Rc<str>, Rc<RefCell<UserState>>>>,
     pub conns: RefCell<Slab<ConnRef>>,
+    /// Users with an agent offline within its grace period (the sweeper's only user scan).
+    pub grace_users: RefCell<Vec<Rc<RefCell<UserState>>>>,
     /// Connections with output queued during the current batch.
     pub dirty: RefCell<Vec<ConnRef>>,
     /// The one receive buffer of this shard.
@@ -66,6 +71,7 @@ impl ShardCtx {
             users: RefCell::default(),
             conns: RefCell::new(Slab::new()),
             dirty: RefCell::default(),
+            grace_users: RefCell::default(),
             scratch: RefCell::new(BytesMut::with_capacity(64 * 1024)),
             plain: RefCell::new(BytesMut::new()),
             sig_scratch: RefCell::default(),
@@ -132,9 +138,13 @@ impl ShardCtx {
     fn sweep(&self) {
         let now = self.refresh_now();
         let unix = unix_now();
-        let (hb, idle) = {
+        let (hb, idle, budget) = {
             let l = &self.cfg().limits;
-            (Duration::from_secs(l.heartbeat_secs), Duration::from_secs(l.idle_timeout_secs))
+            (
+                Duration::from_secs(l.heartbeat_secs),
+                Duration::from_secs(l.idle_timeout_secs),
+                l.send_buffer_bytes,
+            )
         };
         let mut outbound = 0;
         for (_, conn) in self.conns.borrow().iter() {
@@ -173,7 +183,7 @@ impl ShardCtx {
                 if st.phase == Phase::Open && now.duration_since(st.last_ping) >= hb {
                     st.last_ping = now;
                     st.ws.ping();
-                    st.pump_control();
+                    st.pump_control(budget, now);
                 }
             }
             if st.queued_bytes() != queued {
@@ -181,14 +191,25 @@ impl ShardCtx {
                 self.mark_dirty(conn, &mut st);
             }
         }
-        let users: Vec<_> = self.users.borrow().values().cloned().collect();
-        for u in users {
-            router::expire_grace(self, &u, now);
-            if u.borrow().is_empty() {
-                let name = u.borrow().user.clone();
-                self.users.borrow_mut().remove(&name);
+        let mut grace = std::mem::take(&mut *self.grace_users.borrow_mut());
+        grace.retain(|u| {
+            router::expire_grace(self, u, now);
+            let mut state = u.borrow_mut();
+            if state.is_empty() {
+                let name = state.user.clone();
+                state.in_grace_list = false;
+                drop(state);
+                let mut users = self.users.borrow_mut();
+                // Only if the map still holds this very state (not a newer one of the user).
+                if users.get(&name).is_some_and(|cur| Rc::ptr_eq(cur, u)) {
+                    users.remove(&name);
+                }
+                return false;
             }
-        }
+            state.in_grace_list = state.has_agent_in_grace();
+            state.in_grace_list
+        });
+        self.grace_users.borrow_mut().append(&mut grace);
         self.flush_dirty();
         self.stats.outbound_bytes.set(outbound as i64);
         self.metrics.publish(&self.stats, self.global.inboxes[self.idx].depth());
@@ -227,7 +248,7 @@ pub async fn shard_main(
             monoio::time::sleep(SWEEP_INTERVAL).await;
             sweeper.sweep();
             ticks += 1;
-            if ticks % 40 == 0 {
+            if ticks % 10 == 0 {
                 sweeper.prune_nonces(unix_now());
                 if sweeper.idx == 0 {
                     sweeper.global.prune_ip_buckets(Instant::now(), &sweeper.cfg().limits);
