@@ -157,6 +157,39 @@ fn json_out(out: &str) -> Value {
         .unwrap_or_else(|| panic!("no JSON in CLI output:\n{out}"))
 }
 
+/// Connection records committed so far, by (conn_id, opened).
+fn records(data_dir: &Path) -> BTreeMap<(String, u64), Value> {
+    let out = cli(&[
+        "connections".into(),
+        format!("--data-dir={}", data_dir.display()),
+        "--limit=0".into(),
+        "--json".into(),
+    ]);
+    let rows: Vec<Value> = serde_json::from_str(out.trim()).expect("connections --json");
+    rows.into_iter()
+        .map(|r| ((r["conn_id"].as_str().unwrap().to_string(), r["opened"].as_u64().unwrap()), r))
+        .collect()
+}
+
+/// Every record committed before the kill is still there: a closed one exactly as it was, an
+/// open one with the same identity (it may have been closed and committed just before the kill).
+fn assert_records_survive(
+    before: &BTreeMap<(String, u64), Value>,
+    after: &BTreeMap<(String, u64), Value>,
+    kill: usize,
+) {
+    for (key, b) in before {
+        let a = after.get(key).unwrap_or_else(|| panic!("after kill {kill}: record {key:?} lost"));
+        if b["closed"].is_null() {
+            for f in ["user", "role", "agent_id", "remote", "opened"] {
+                assert_eq!(a[f], b[f], "after kill {kill}: record {key:?} field {f}");
+            }
+        } else {
+            assert_eq!(a, b, "after kill {kill}: closed record {key:?} changed");
+        }
+    }
+}
+
 fn create_agent(data_dir: &Path, user: &str, name: &str) -> (String, String) {
     let v = json_out(&cli(&[
         "agent".into(),
@@ -309,6 +342,8 @@ fn twenty_sigkills_under_traffic_lose_nothing_and_restart_fast() {
     let mut kills_during_start = 0;
     let mut total_relayed = 0u64;
     let mut expected = list(&data_dir);
+    let mut records_before = records(&data_dir);
+    let mut records_checked = 0;
     for kill in 0..=KILLS {
         // Now and then, kill a daemon while it is still starting (store open, shards
         // spawning) before the start whose figures count.
@@ -339,6 +374,9 @@ fn twenty_sigkills_under_traffic_lose_nothing_and_restart_fast() {
         }
         assert_eq!(http_status(d.admin, "/readyz"), Some(200), "after kill {kill}: /readyz (store writable)");
 
+        // Every connection record committed before the kill survives it.
+        assert_records_survive(&records_before, &records(&data_dir), kill);
+        records_checked += records_before.len();
         // Every agent created or revoked before the kill is exactly as it was.
         let now = list(&data_dir);
         assert_eq!(now, expected, "after kill {kill}: `agent list` differs from before the kill");
@@ -389,6 +427,7 @@ fn twenty_sigkills_under_traffic_lose_nothing_and_restart_fast() {
             agents.get_mut(&id).unwrap().revoked = true;
         }
         expected = list(&data_dir);
+        records_before = records(&data_dir);
         std::thread::sleep(Duration::from_millis(rng.below(300) as u64));
         d.sigkill();
         stop.store(true, Ordering::Relaxed);
@@ -397,6 +436,8 @@ fn twenty_sigkills_under_traffic_lose_nothing_and_restart_fast() {
         }
         total_relayed += relayed.load(Ordering::Relaxed);
     }
+    assert!(records_checked > 0, "no connection record was ever committed before a kill");
+    eprintln!("connection records checked across kills: {records_checked}");
     let revoked = agents.values().filter(|a| a.revoked).count();
     let max_start = starts.iter().max().unwrap();
     let max_serve = serves.iter().max().unwrap();
