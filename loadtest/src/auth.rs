@@ -1,12 +1,70 @@
 //! The protocol's cryptography, written from the spec (§3.1, §3.2, §3.3) and independent of
 //! the relay's own code: agent upgrade signatures, per-message HMAC signatures, HS256 client
-//! JWTs, and the WebSocket key/accept pair.
+//! JWTs, and the WebSocket key/accept pair. Agents sign with an HMAC secret or an Ed25519
+//! key (§3.1: the upgrade; §3.2: every message, over the same string either way).
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{Ed25519KeyPair, KeyPair as _};
+use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// An agent's signing key.
+#[derive(Debug, Clone)]
+pub enum AgentKey {
+    /// The secret exactly as `agent create` printed it (`sbk_…`); its UTF-8 bytes are the key.
+    Hmac(String),
+    /// An Ed25519 key pair (the daemon holds the public key).
+    Ed25519(Arc<Ed25519KeyPair>),
+}
+
+impl AgentKey {
+    /// A fresh Ed25519 key and its 32-byte seed.
+    pub fn ed25519_generate() -> (AgentKey, [u8; 32]) {
+        let seed = random_bytes::<32>();
+        let kp = Ed25519KeyPair::from_seed_unchecked(&seed).expect("any 32 bytes are a seed");
+        (AgentKey::Ed25519(Arc::new(kp)), seed)
+    }
+
+    /// An Ed25519 key from its 32-byte seed written as base64url (padded or not) or 64 hex
+    /// characters.
+    pub fn ed25519_from_text(s: &str) -> Result<AgentKey, String> {
+        let s = s.trim();
+        let bytes = if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            (0..32).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex")).collect()
+        } else {
+            URL_SAFE_NO_PAD
+                .decode(s)
+                .or_else(|_| URL_SAFE.decode(s))
+                .map_err(|_| "expected 32 bytes as base64url or hex".to_string())?
+        };
+        let seed: [u8; 32] = bytes.try_into().map_err(|_| "expected a 32-byte seed".to_string())?;
+        let kp = Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|e| e.to_string())?;
+        Ok(AgentKey::Ed25519(Arc::new(kp)))
+    }
+
+    /// The public key (Ed25519 only), base64url without padding, as `agent create
+    /// --ed25519-pubkey` takes it.
+    pub fn public_key_b64(&self) -> Option<String> {
+        match self {
+            AgentKey::Hmac(_) => None,
+            AgentKey::Ed25519(kp) => Some(b64url(kp.public_key().as_ref())),
+        }
+    }
+
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        match self {
+            AgentKey::Hmac(secret) => {
+                let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+                hmac::sign(&key, msg).as_ref().to_vec()
+            }
+            AgentKey::Ed25519(kp) => kp.sign(msg).as_ref().to_vec(),
+        }
+    }
+}
 
 /// base64url without padding (§2).
 pub fn b64url(bytes: &[u8]) -> String {
@@ -28,13 +86,12 @@ pub fn nonce() -> String {
     b64url(&random_bytes::<24>())
 }
 
-/// The four §3.1 headers of a signed agent upgrade for an HMAC agent.
-pub fn agent_upgrade_headers(agent_id: &str, secret: &str) -> [(&'static str, String); 4] {
+/// The four §3.1 headers of a signed agent upgrade.
+pub fn agent_upgrade_headers(agent_id: &str, key: &AgentKey) -> [(&'static str, String); 4] {
     let ts = unix_now().to_string();
     let nonce = nonce();
     let signed = format!("switchboard-agent-v1\n{agent_id}\n{ts}\n{nonce}");
-    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
-    let sig = b64url(hmac::sign(&key, signed.as_bytes()).as_ref());
+    let sig = b64url(&key.sign(signed.as_bytes()));
     [
         ("X-Switchboard-Agent", agent_id.to_string()),
         ("X-Switchboard-Timestamp", ts),
@@ -44,30 +101,43 @@ pub fn agent_upgrade_headers(agent_id: &str, secret: &str) -> [(&'static str, St
 }
 
 /// Signs `send` frames of one agent connection (§3.2).
-pub struct MsgSigner {
-    key: hmac::Key,
+pub enum MsgSigner {
+    Hmac(hmac::Key),
+    /// Ed25519 signs the whole message at once: it is assembled in the scratch buffer.
+    Ed25519(Arc<Ed25519KeyPair>, RefCell<Vec<u8>>),
 }
 
 impl MsgSigner {
-    pub fn new(secret: &str) -> MsgSigner {
-        MsgSigner { key: hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes()) }
+    pub fn new(key: &AgentKey) -> MsgSigner {
+        match key {
+            AgentKey::Hmac(secret) => MsgSigner::Hmac(hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes())),
+            AgentKey::Ed25519(kp) => MsgSigner::Ed25519(kp.clone(), RefCell::new(Vec::new())),
+        }
     }
 
     /// Appends the base64url `sig` over
     /// `switchboard-msg-v1\n<conn>\n<ctr>\n<to or empty>\n<data>` to `out`.
     pub fn push_sig(&self, out: &mut Vec<u8>, conn: &str, ctr: &[u8], to: &str, data: &[u8]) {
-        let mut c = hmac::Context::with_key(&self.key);
-        c.update(b"switchboard-msg-v1\n");
-        c.update(conn.as_bytes());
-        c.update(b"\n");
-        c.update(ctr);
-        c.update(b"\n");
-        c.update(to.as_bytes());
-        c.update(b"\n");
-        c.update(data);
-        let tag = c.sign();
-        let mut enc = [0u8; 44];
-        let n = URL_SAFE_NO_PAD.encode_slice(tag.as_ref(), &mut enc).expect("43 bytes fit");
+        let parts: [&[u8]; 8] =
+            [b"switchboard-msg-v1\n", conn.as_bytes(), b"\n", ctr, b"\n", to.as_bytes(), b"\n", data];
+        let mut enc = [0u8; 88];
+        let n = match self {
+            MsgSigner::Hmac(key) => {
+                let mut c = hmac::Context::with_key(key);
+                for p in parts {
+                    c.update(p);
+                }
+                URL_SAFE_NO_PAD.encode_slice(c.sign().as_ref(), &mut enc).expect("43 bytes fit")
+            }
+            MsgSigner::Ed25519(kp, scratch) => {
+                let mut m = scratch.borrow_mut();
+                m.clear();
+                for p in parts {
+                    m.extend_from_slice(p);
+                }
+                URL_SAFE_NO_PAD.encode_slice(kp.sign(&m).as_ref(), &mut enc).expect("86 bytes fit")
+            }
+        };
         out.extend_from_slice(&enc[..n]);
     }
 }
@@ -107,8 +177,31 @@ mod tests {
     }
 
     #[test]
+    fn ed25519_signatures_verify_with_the_public_key() {
+        use ring::signature::{UnparsedPublicKey, ED25519};
+        let (key, seed) = AgentKey::ed25519_generate();
+        let pk = URL_SAFE_NO_PAD.decode(key.public_key_b64().unwrap()).unwrap();
+        let verifier = UnparsedPublicKey::new(&ED25519, pk);
+        // The seed round-trips through both of its text forms.
+        let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+        for text in [b64url(&seed), hex] {
+            let again = AgentKey::ed25519_from_text(&text).unwrap();
+            assert_eq!(again.public_key_b64(), key.public_key_b64());
+        }
+        let s = MsgSigner::new(&key);
+        let mut out = Vec::new();
+        s.push_sig(&mut out, "c1", b"7", "", br#"{"a":1}"#);
+        let sig = URL_SAFE_NO_PAD.decode(&out).unwrap();
+        verifier.verify(b"switchboard-msg-v1\nc1\n7\n\n{\"a\":1}", &sig).unwrap();
+        let h = agent_upgrade_headers("ag1", &key);
+        let signed = format!("switchboard-agent-v1\nag1\n{}\n{}", h[1].1, h[2].1);
+        verifier.verify(signed.as_bytes(), &URL_SAFE_NO_PAD.decode(&h[3].1).unwrap()).unwrap();
+        assert!(AgentKey::ed25519_from_text("short").is_err());
+    }
+
+    #[test]
     fn message_signature_is_hmac_of_the_spec_string() {
-        let s = MsgSigner::new("sbk_test");
+        let s = MsgSigner::new(&AgentKey::Hmac("sbk_test".into()));
         let mut out = Vec::new();
         s.push_sig(&mut out, "c1", b"7", "sess", br#"{"a":1}"#);
         let key = hmac::Key::new(hmac::HMAC_SHA256, b"sbk_test");

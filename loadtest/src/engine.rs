@@ -250,6 +250,14 @@ pub struct ThreadResult {
     /// Deliveries per second of RUN (index = whole seconds since RUN started).
     pub timeline_received: Vec<u64>,
     pub timeline_sent: Vec<u64>,
+    /// Sends answered with `ack` per second of RUN (inbound frames the relay took).
+    pub timeline_acked: Vec<u64>,
+    /// End-to-end latency in µs of the deliveries of each second of RUN (2 significant digits).
+    pub lat_per_sec: Vec<Histogram<u32>>,
+    /// Time from TCP connect to `welcome` of every connection that opened, in µs.
+    pub connect_hist: Histogram<u64>,
+    /// Connections that got their `welcome` per 100 ms since the engine started.
+    pub connect_timeline: Vec<u64>,
     pub connect_secs: f64,
     /// Connections that completed the closing handshake or were gone when CLOSE ended.
     pub closed_cleanly: u64,
@@ -380,6 +388,49 @@ struct Acc {
     out_of_order: u64,
     timeline_received: Vec<u64>,
     timeline_sent: Vec<u64>,
+    timeline_acked: Vec<u64>,
+    lat_per_sec: Vec<Histogram<u32>>,
+    connect_hist: Histogram<u64>,
+    connect_timeline: Vec<u64>,
+}
+
+impl Acc {
+    fn new() -> Acc {
+        Acc {
+            hist: Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("histogram bounds"),
+            error_codes: BTreeMap::new(),
+            closes: BTreeMap::new(),
+            dead: Vec::new(),
+            connect_failures: BTreeMap::new(),
+            other_frames: BTreeMap::new(),
+            wrong_user: 0,
+            misdirected: 0,
+            from_mismatch: 0,
+            unparseable: 0,
+            unexpected_answers: 0,
+            duplicates: 0,
+            out_of_order: 0,
+            timeline_received: Vec::new(),
+            timeline_sent: Vec::new(),
+            timeline_acked: Vec::new(),
+            lat_per_sec: Vec::new(),
+            connect_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds"),
+            connect_timeline: Vec::new(),
+        }
+    }
+}
+
+/// A per-second latency histogram: µs, 1 µs … 1 h, 2 significant digits (about 12 KiB).
+pub fn sec_hist() -> Histogram<u32> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("histogram bounds")
+}
+
+/// Adds `n` to `v[i]`, growing `v` as needed.
+fn bump_at(v: &mut Vec<u64>, i: usize, n: u64) {
+    if v.len() <= i {
+        v.resize(i + 1, 0);
+    }
+    v[i] += n;
 }
 
 struct ThreadCtx {
@@ -479,6 +530,11 @@ impl Engine {
             })?;
             handles.push(h);
         }
+        // The coordinator's CPU snapshots need every worker's kernel id.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while shared.tids.lock().unwrap().contains(&0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Ok(Engine { shared, handles })
     }
 
@@ -530,23 +586,7 @@ async fn thread_main(t: usize, shared: Arc<Shared>) -> ThreadResult {
         stop: Cell::new(false),
         masker: RefCell::new(Masker::new(u64::from_ne_bytes(auth::random_bytes::<8>()))),
         local: Local::default(),
-        acc: RefCell::new(Acc {
-            hist: Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("histogram bounds"),
-            error_codes: BTreeMap::new(),
-            closes: BTreeMap::new(),
-            dead: Vec::new(),
-            connect_failures: BTreeMap::new(),
-            other_frames: BTreeMap::new(),
-            wrong_user: 0,
-            misdirected: 0,
-            from_mismatch: 0,
-            unparseable: 0,
-            unexpected_answers: 0,
-            duplicates: 0,
-            out_of_order: 0,
-            timeline_received: Vec::new(),
-            timeline_sent: Vec::new(),
-        }),
+        acc: RefCell::new(Acc::new()),
     });
 
     // CONNECT: a few connector tasks pull from this thread's share of the plan.
@@ -640,23 +680,7 @@ fn collect(ctx: &ThreadCtx, connect_secs: f64) -> ThreadResult {
             recv_streams.insert((s, r, c.idx as u32), rs);
         }
     }
-    let acc = ctx.acc.replace(Acc {
-        hist: Histogram::new(1).expect("histogram"),
-        error_codes: BTreeMap::new(),
-        closes: BTreeMap::new(),
-        dead: Vec::new(),
-        connect_failures: BTreeMap::new(),
-        other_frames: BTreeMap::new(),
-        wrong_user: 0,
-        misdirected: 0,
-        from_mismatch: 0,
-        unparseable: 0,
-        unexpected_answers: 0,
-        duplicates: 0,
-        out_of_order: 0,
-        timeline_received: Vec::new(),
-        timeline_sent: Vec::new(),
-    });
+    let acc = ctx.acc.replace(Acc::new());
     ThreadResult {
         hist: acc.hist,
         send_streams,
@@ -675,6 +699,10 @@ fn collect(ctx: &ThreadCtx, connect_secs: f64) -> ThreadResult {
         out_of_order: acc.out_of_order,
         timeline_received: acc.timeline_received,
         timeline_sent: acc.timeline_sent,
+        timeline_acked: acc.timeline_acked,
+        lat_per_sec: acc.lat_per_sec,
+        connect_hist: acc.connect_hist,
+        connect_timeline: acc.connect_timeline,
         connect_secs,
         closed_cleanly,
         connected,
@@ -720,9 +748,17 @@ async fn connector(ctx: Rc<ThreadCtx>, mine: Rc<Vec<usize>>, next: Rc<Cell<usize
         }
         next.set(i + 1);
         let idx = mine[i];
+        let began = Instant::now();
         let r = monoio::time::timeout(ctx.shared.cfg.connect_timeout, open(&ctx, idx)).await;
         match r {
-            Ok(Ok(opened)) => start_conn(&ctx, idx, opened),
+            Ok(Ok(opened)) => {
+                let mut acc = ctx.acc.borrow_mut();
+                let _ = acc.connect_hist.record((began.elapsed().as_micros() as u64).max(1));
+                let slot = (ctx.shared.base.elapsed().as_millis() / 100) as usize;
+                bump_at(&mut acc.connect_timeline, slot, 1);
+                drop(acc);
+                start_conn(&ctx, idx, opened)
+            }
             Ok(Err(reason)) => {
                 inc(&ctx.local.failed, 1);
                 *ctx.acc.borrow_mut().connect_failures.entry(reason).or_default() += 1;
@@ -832,9 +868,9 @@ async fn open(ctx: &ThreadCtx, idx: usize) -> Result<Opened, String> {
     let key = auth::ws_key();
     let mut req = String::with_capacity(768);
     match &cp.role {
-        Role::Agent { agent_id, secret } => {
+        Role::Agent { agent_id, key } => {
             req.push_str("GET /v1/agent HTTP/1.1\r\n");
-            for (k, v) in auth::agent_upgrade_headers(agent_id, secret) {
+            for (k, v) in auth::agent_upgrade_headers(agent_id, key) {
                 req.push_str(&format!("{k}: {v}\r\n"));
             }
         }
@@ -922,7 +958,7 @@ fn start_conn(ctx: &Rc<ThreadCtx>, idx: usize, o: Opened) {
     let cp = &ctx.shared.plan.conns[idx];
     let traffic = ctx.shared.cfg.traffic.as_ref();
     let signer = match (&cp.role, traffic) {
-        (Role::Agent { secret, .. }, Some(_)) => Some(MsgSigner::new(secret)),
+        (Role::Agent { key, .. }, Some(_)) => Some(MsgSigner::new(key)),
         _ => None,
     };
     if !cp.is_agent() {
@@ -1109,6 +1145,7 @@ fn answer(ctx: &ThreadCtx, conn: &Conn, id: Option<&str>, code: Option<&str>) {
             tg.acked += 1;
             inc(&ctx.local.acked, 1);
             inc(&ctx.local.expected, tg.recipients);
+            bump_at(&mut ctx.acc.borrow_mut().timeline_acked, ctx.second(), 1);
         }
         Some(code) => {
             let r = tg.recipients;
@@ -1163,7 +1200,13 @@ fn handle_message(ctx: &ThreadCtx, conn: &Conn, from: &str, data: Option<&serde_
     if ooo {
         acc.out_of_order += 1;
     }
-    let _ = acc.hist.record(now.saturating_sub(p.t).max(1));
+    let lat = now.saturating_sub(p.t).max(1);
+    let _ = acc.hist.record(lat);
+    let sec = ctx.second();
+    while acc.lat_per_sec.len() <= sec {
+        acc.lat_per_sec.push(sec_hist());
+    }
+    acc.lat_per_sec[sec].saturating_record((lat / 1000).max(1));
     if let Some(s) = ctx.by_idx.borrow().get(p.s as usize).and_then(Option::as_ref) {
         let mut st = s.st.borrow_mut();
         st.undelivered = st.undelivered.saturating_sub(1);
@@ -1171,11 +1214,7 @@ fn handle_message(ctx: &ThreadCtx, conn: &Conn, from: &str, data: Option<&serde_
         s.notify.notify();
     }
     inc(&ctx.local.received, 1);
-    let sec = ctx.second();
-    if acc.timeline_received.len() <= sec {
-        acc.timeline_received.resize(sec + 1, 0);
-    }
-    acc.timeline_received[sec] += 1;
+    bump_at(&mut acc.timeline_received, sec, 1);
 }
 
 /// Appends `n` in decimal.
@@ -1314,12 +1353,7 @@ async fn writer(ctx: Rc<ThreadCtx>, conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpSt
         if n_sent > 0 {
             inc(&ctx.local.sent, n_sent);
             inc(&ctx.local.inflight, n_sent);
-            let sec = ctx.second();
-            let mut acc = ctx.acc.borrow_mut();
-            if acc.timeline_sent.len() <= sec {
-                acc.timeline_sent.resize(sec + 1, 0);
-            }
-            acc.timeline_sent[sec] += n_sent;
+            bump_at(&mut ctx.acc.borrow_mut().timeline_sent, ctx.second(), n_sent);
         }
         if !out.is_empty() {
             let (r, b) = wr.write_all(std::mem::take(&mut out)).await;

@@ -8,6 +8,7 @@ mod engine;
 mod plan;
 mod report;
 mod scenario;
+mod svg;
 mod sys;
 mod target;
 mod wsproto;
@@ -30,6 +31,20 @@ enum Scenario {
     /// Users with agents and clients exchanging signed messages: throughput per daemon
     /// CPU-second, end-to-end latency, and the accounting of every message.
     Relay(RelayArgs),
+    /// Open N authenticated connections as fast as possible: handshakes/s (per wall second
+    /// and per daemon CPU-second), handshake latency, failures by status.
+    Connect(ConnectArgs),
+    /// `relay` at a fixed rate for minutes, sampling the daemon's memory: start, peak, end
+    /// and the slope.
+    Soak(SoakArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AgentKeyKind {
+    /// HMAC-SHA256 secrets (`sbk_…`).
+    Hmac,
+    /// Ed25519 key pairs generated here; the daemon gets the public keys.
+    Ed25519,
 }
 
 /// Which daemon to drive.
@@ -54,6 +69,9 @@ pub struct TargetArgs {
     /// Spawned daemon: keep its temp dir (data, config, log) and print where it is.
     #[arg(long)]
     pub keep_daemon_dir: bool,
+    /// Spawned daemon: the agents' credentials (upgrade and message signatures).
+    #[arg(long, value_enum, default_value_t = AgentKeyKind::Hmac)]
+    pub agent_key: AgentKeyKind,
     /// Spawned daemon: CLI processes (`agent create`, `token`) run at once.
     #[arg(long, default_value_t = 4)]
     pub cli_parallel: usize,
@@ -63,7 +81,8 @@ pub struct TargetArgs {
     /// A running daemon's pid, for its memory and CPU from /proc (figures are omitted without).
     #[arg(long)]
     pub pid: Option<u32>,
-    /// A running daemon: agents to use, a JSON array of {"agent_id","user","secret"}.
+    /// A running daemon: agents to use, a JSON array of {"agent_id","user","secret"} (HMAC)
+    /// or {"agent_id","user","ed25519_seed"} (Ed25519: the 32-byte seed, base64url or hex).
     #[arg(long, value_name = "FILE")]
     pub agents_file: Option<PathBuf>,
     /// A running daemon: the HS256 secret its clients' JWTs are signed with.
@@ -98,6 +117,10 @@ pub struct GenArgs {
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub json_out: Option<PathBuf>,
+    /// Write an SVG chart of the run here (throughput, latency percentiles and daemon memory
+    /// over time).
+    #[arg(long, value_name = "FILE")]
+    pub svg_out: Option<PathBuf>,
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -121,6 +144,24 @@ pub struct IdleArgs {
     pub settle: f64,
     /// Seconds to hold the connections idle (CPU is measured over this).
     #[arg(long, default_value_t = 30.0)]
+    pub hold: f64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub gen: GenArgs,
+    /// Total connections (users = conns / (agents + clients per user), rounded up).
+    #[arg(long, default_value_t = 1000)]
+    pub conns: usize,
+    #[arg(long, default_value_t = 1)]
+    pub agents_per_user: usize,
+    #[arg(long, default_value_t = 1)]
+    pub clients_per_user: usize,
+    /// Seconds to keep the connections open after the last one connected (then they close).
+    #[arg(long, default_value_t = 0.0)]
     pub hold: f64,
 }
 
@@ -183,11 +224,74 @@ pub struct RelayArgs {
     pub drain_timeout: f64,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub gen: GenArgs,
+    #[arg(long, default_value_t = 100)]
+    pub users: usize,
+    #[arg(long, default_value_t = 1)]
+    pub agents_per_user: usize,
+    #[arg(long, default_value_t = 1)]
+    pub clients_per_user: usize,
+    #[arg(long, value_enum, default_value_t = Direction::AgentToClient)]
+    pub direction: Direction,
+    /// Agents broadcast to every client of their user.
+    #[arg(long)]
+    pub broadcast: bool,
+    /// Bytes of each message's `data`.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Sends per connection in flight.
+    #[arg(long, default_value_t = 32)]
+    pub window: usize,
+    #[arg(long, value_enum, default_value_t = WindowOn::Delivery)]
+    pub window_on: WindowOn,
+    /// Sends per second per sending connection (a soak runs at a fixed rate).
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Minutes of traffic.
+    #[arg(long, default_value_t = 10.0)]
+    pub minutes: f64,
+    /// Seconds between two samples of the daemon's memory and CPU.
+    #[arg(long, default_value_t = 1.0)]
+    pub sample_every: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub settle: f64,
+    #[arg(long, default_value_t = 10.0)]
+    pub drain_timeout: f64,
+}
+
+impl SoakArgs {
+    pub fn to_relay(&self) -> RelayArgs {
+        RelayArgs {
+            target: self.target.clone(),
+            gen: self.gen.clone(),
+            users: self.users,
+            agents_per_user: self.agents_per_user,
+            clients_per_user: self.clients_per_user,
+            direction: self.direction,
+            broadcast: self.broadcast,
+            size: self.size,
+            window: self.window,
+            window_on: self.window_on,
+            rate: self.rate,
+            duration: self.minutes * 60.0,
+            settle: self.settle,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let r = match cli.scenario {
         Scenario::Idle(a) => scenario::idle(a),
         Scenario::Relay(a) => scenario::relay(a),
+        Scenario::Connect(a) => scenario::connect(a),
+        Scenario::Soak(a) => scenario::soak(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -1,17 +1,36 @@
 //! Who connects: users, each with agents and clients, flattened into one list of connections
 //! indexed by a `usize` that also travels in every message (`"s"` sender, `"r"` recipient).
 
-/// An agent's credential (the `--agents-file` format, and what `agent create --json` prints).
+use crate::auth::AgentKey;
+
+/// An agent's credential (the `--agents-file` format, and what `agent create --json` prints):
+/// an HMAC agent has a `secret`; an Ed25519 agent has an `ed25519_seed` instead (its 32-byte
+/// private seed, base64url or hex; the daemon holds the public key).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct AgentCred {
     pub agent_id: String,
     pub user: String,
-    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ed25519_seed: Option<String>,
+}
+
+impl AgentCred {
+    /// The signing key this credential names.
+    pub fn key(&self) -> anyhow::Result<AgentKey> {
+        match (&self.secret, &self.ed25519_seed) {
+            (_, Some(seed)) => AgentKey::ed25519_from_text(seed)
+                .map_err(|e| anyhow::anyhow!("agent {}: ed25519_seed: {e}", self.agent_id)),
+            (Some(secret), None) => Ok(AgentKey::Hmac(secret.clone())),
+            (None, None) => anyhow::bail!("agent {} has neither a secret nor an ed25519_seed", self.agent_id),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub enum Role {
-    Agent { agent_id: String, secret: String },
+    Agent { agent_id: String, key: AgentKey },
     Client { token: String },
 }
 
@@ -48,7 +67,7 @@ impl Plan {
         agents: &[Vec<AgentCred>],
         tokens: &[Option<String>],
         clients_per_user: usize,
-    ) -> Plan {
+    ) -> anyhow::Result<Plan> {
         let mut users = Vec::with_capacity(names.len());
         let mut conns = Vec::new();
         for u in 0..names.len() {
@@ -57,7 +76,7 @@ impl Plan {
                 up.agents.push(conns.len());
                 conns.push(ConnPlan {
                     user: u,
-                    role: Role::Agent { agent_id: a.agent_id.clone(), secret: a.secret.clone() },
+                    role: Role::Agent { agent_id: a.agent_id.clone(), key: a.key()? },
                 });
             }
             if clients_per_user > 0 {
@@ -69,7 +88,7 @@ impl Plan {
             }
             users.push(up);
         }
-        Plan { users, conns }
+        Ok(Plan { users, conns })
     }
 
     pub fn agents(&self) -> usize {

@@ -202,6 +202,53 @@ pub fn latency(h: &Histogram<u64>) -> Latency {
     }
 }
 
+/// Latency percentiles of one second of the run (µs; None where nothing arrived).
+#[derive(Debug, Clone, Serialize)]
+pub struct SecLatency {
+    pub count: u64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p99_9_us: f64,
+    pub max_us: f64,
+}
+
+/// The threads' per-second latency histograms merged, second by second.
+pub fn latency_series(results: &[ThreadResult]) -> Vec<Option<SecLatency>> {
+    let secs = results.iter().map(|r| r.lat_per_sec.len()).max().unwrap_or(0);
+    (0..secs)
+        .map(|i| {
+            let mut h = crate::engine::sec_hist();
+            for r in results {
+                if let Some(x) = r.lat_per_sec.get(i) {
+                    h.add(x).expect("same bounds");
+                }
+            }
+            (!h.is_empty()).then(|| SecLatency {
+                count: h.len(),
+                p50_us: h.value_at_quantile(0.5) as f64,
+                p90_us: h.value_at_quantile(0.9) as f64,
+                p99_us: h.value_at_quantile(0.99) as f64,
+                p99_9_us: h.value_at_quantile(0.999) as f64,
+                max_us: h.max() as f64,
+            })
+        })
+        .collect()
+}
+
+/// Least-squares slope of y over x (None with fewer than two distinct x).
+pub fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return None;
+    }
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
 /// Element-wise sum of per-second series.
 pub fn sum_series<'a>(series: impl Iterator<Item = &'a Vec<u64>>) -> Vec<u64> {
     let mut out: Vec<u64> = Vec::new();
@@ -254,6 +301,16 @@ pub fn fmt_map(m: &BTreeMap<String, u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slope_of_a_line_and_of_noise() {
+        let line: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 3.0 * i as f64 + 7.0)).collect();
+        assert!((slope(&line).unwrap() - 3.0).abs() < 1e-9);
+        assert_eq!(slope(&[(1.0, 2.0)]), None);
+        assert_eq!(slope(&[(1.0, 2.0), (1.0, 5.0)]), None);
+        let flat = [(0.0, 10.0), (1.0, 11.0), (2.0, 9.0), (3.0, 10.0)];
+        assert!(slope(&flat).unwrap().abs() < 0.5);
+    }
 
     #[test]
     fn thousands_groups_digits() {

@@ -161,30 +161,42 @@ impl Spawned {
         self.child.id()
     }
 
-    /// Creates `per_user` HMAC agents for every user with `agent create --json`, running
-    /// `parallel` CLI processes at a time.
+    /// Creates `per_user` agents for every user with `agent create --json`, running
+    /// `parallel` CLI processes at a time: HMAC agents, or Ed25519 agents whose key pairs are
+    /// generated here (the daemon gets the public key with `--ed25519-pubkey`).
     pub fn create_agents(
         &self,
         users: &[String],
         per_user: usize,
         parallel: usize,
+        ed25519: bool,
     ) -> anyhow::Result<Vec<Vec<AgentCred>>> {
-        let jobs: Vec<(usize, usize)> =
-            (0..users.len()).flat_map(|u| (0..per_user).map(move |a| (u, a))).collect();
-        let outs = run_parallel(&jobs, parallel, |&(u, a)| {
+        type Job = (usize, usize, Option<(crate::auth::AgentKey, [u8; 32])>);
+        let jobs: Vec<Job> = (0..users.len())
+            .flat_map(|u| (0..per_user).map(move |a| (u, a)))
+            .map(|(u, a)| (u, a, ed25519.then(crate::auth::AgentKey::ed25519_generate)))
+            .collect();
+        let outs = run_parallel(&jobs, parallel, |(u, a, ed)| {
             let mut c = Command::new(&self.bin);
             c.args(["agent", "create"])
                 .arg(format!("--data-dir={}", self.data_dir.display()))
-                .arg(format!("--user={}", users[u]))
+                .arg(format!("--user={}", users[*u]))
                 .arg(format!("--name=loadtest-{u}-{a}"))
                 .arg("--json");
+            if let Some((key, _)) = ed {
+                c.arg(format!("--ed25519-pubkey={}", key.public_key_b64().expect("ed25519")));
+            }
             c
         })?;
         let mut agents = vec![Vec::with_capacity(per_user); users.len()];
-        for (&(u, _), out) in jobs.iter().zip(outs) {
-            let cred: AgentCred =
+        for ((u, _, ed), out) in jobs.iter().zip(outs) {
+            let mut cred: AgentCred =
                 serde_json::from_str(out.trim()).with_context(|| format!("agent create printed {out:?}"))?;
-            agents[u].push(cred);
+            if let Some((_, seed)) = ed {
+                cred.secret = None;
+                cred.ed25519_seed = Some(crate::auth::b64url(seed));
+            }
+            agents[*u].push(cred);
         }
         Ok(agents)
     }
@@ -291,11 +303,13 @@ fn run_parallel<J: Sync>(
     results.into_iter().map(|r| r.expect("every job ran")).collect()
 }
 
-/// Reads an agents file: a JSON array of `{"agent_id","user","secret"}`.
+/// Reads an agents file: a JSON array of `{"agent_id","user","secret"}` (HMAC agents) or
+/// `{"agent_id","user","ed25519_seed"}` (Ed25519 agents).
 pub fn read_agents_file(p: &Path) -> anyhow::Result<Vec<AgentCred>> {
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a JSON array of {{agent_id,user,secret}}", p.display()))
+    serde_json::from_str(&text).with_context(|| {
+        format!("{} is not a JSON array of {{agent_id,user,secret|ed25519_seed}}", p.display())
+    })
 }
 
 /// Reads an HS256 secret file: its content with surrounding whitespace removed (spec §9).

@@ -30,12 +30,15 @@ fn daemon_bin() -> PathBuf {
 fn run(args: &[&str]) -> (i32, Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
+    let svg = dir.path().join("report.svg");
     let out = Command::new(env!("CARGO_BIN_EXE_switchboard-loadtest"))
         .args(args)
         .arg("--spawn")
         .arg(daemon_bin())
         .arg("--json-out")
         .arg(&json)
+        .arg("--svg-out")
+        .arg(&svg)
         .args(["--quiet", "--cli-parallel", "2"])
         .output()
         .expect("run switchboard-loadtest");
@@ -48,6 +51,9 @@ fn run(args: &[&str]) -> (i32, Value, String) {
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_else(|| panic!("no JSON report; {text}"));
+    let chart = std::fs::read_to_string(&svg).unwrap_or_else(|_| panic!("no SVG chart; {text}"));
+    assert!(chart.starts_with("<svg") && chart.ends_with("</svg>\n"), "{chart}");
+    assert!(chart.contains("<polyline"), "a chart without lines: {chart}");
     (out.status.code().unwrap_or(-1), report, text)
 }
 
@@ -170,4 +176,53 @@ fn idle_reports_daemon_memory_and_cpu() {
     assert!(r["daemon"]["rss_bytes_per_connection"].is_number(), "{r:#}");
     assert!(r["idle_cpu"]["daemon_cpu_secs"].is_number(), "{r:#}");
     assert!(r["ok"].as_bool().unwrap());
+}
+
+#[test]
+fn connect_opens_every_connection_and_times_the_handshakes() {
+    let (code, r, text) = run(&["connect", "--conns", "200", "--clients-per-user", "3"]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(n(&r, "/results/connected"), 200, "{text}");
+    assert_eq!(n(&r, "/results/failed"), 0, "{text}");
+    assert_eq!(n(&r, "/results/latency_ms/count"), 200, "{text}");
+    assert!(r["results"]["handshakes_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(r["results"]["handshakes_per_daemon_cpu_sec"].is_number(), "{r:#}");
+    let welcomes: u64 =
+        r["timeline"]["welcomes_per_100ms"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(welcomes, 200);
+}
+
+#[test]
+fn soak_with_ed25519_agents_samples_memory_and_accounts_for_every_message() {
+    // Ed25519 agents sign their upgrades and every message with Ed25519 (the relay checks
+    // both); the soak samples the daemon's memory four times a second for 2.4 s.
+    let (code, r, text) = run(&[
+        "soak",
+        "--users",
+        "10",
+        "--clients-per-user",
+        "2",
+        "--rate",
+        "50",
+        "--minutes",
+        "0.04",
+        "--sample-every",
+        "0.25",
+        "--agent-key",
+        "ed25519",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(r["target"]["agent_key"], "ed25519");
+    let acc = &r["accounting"];
+    assert_clean(acc, &text);
+    let sent = n(acc, "/sent");
+    assert!(sent > 0, "{text}");
+    assert_eq!(n(acc, "/delivered"), sent, "{text}");
+    assert!(r["memory"]["samples"].as_array().unwrap().len() >= 5, "{r:#}");
+    for k in ["rss_kib_start", "rss_kib_peak_sampled", "rss_kib_end"] {
+        assert!(n(&r["soak"], &format!("/{k}")) > 0, "{k}: {r:#}");
+    }
+    assert!(r["soak"]["slope_kib_per_min"].is_number(), "{r:#}");
+    let lat = r["timeline"]["latency_per_sec"].as_array().unwrap();
+    assert!(lat.iter().any(|l| l["p99_us"].is_number()), "{r:#}");
 }
