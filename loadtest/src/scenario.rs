@@ -863,6 +863,10 @@ fn run_relay(a: &RelayArgs, soak: Option<f64>) -> anyhow::Result<i32> {
     if !drained && failures.is_empty() {
         failures.push("the drain timed out".into());
     }
+    if soak.is_some() && !acc.closes.is_empty() {
+        // A soak measures a steady state: connections the relay closed end it early.
+        failures.push(format!("the relay closed connections during the soak: {}", fmt_map(&acc.closes)));
+    }
 
     let dir = match (a.direction, a.broadcast) {
         (Direction::AgentToClient, true) => format!("agent broadcast → {} clients", a.clients_per_user),

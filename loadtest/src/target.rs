@@ -27,6 +27,9 @@ messages_burst_per_user = 1000000000
 handshakes_per_sec_per_ip = 1000000
 handshakes_burst_per_ip = 1000000
 send_buffer_bytes = 67108864
+# A receiving client never sends a data frame: the default (300 s) closes it with 4000
+# five minutes into a soak or a long idle hold.
+idle_timeout_secs = 86400
 
 [log]
 level = "warn"
