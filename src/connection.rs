@@ -596,6 +596,7 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
         // Our last words are queued; what the peer still sends is discarded.
         return;
     }
+    let budget = shard.cfg().limits.send_buffer_bytes;
     if let Some(chunk) = chunk {
         st.bytes_in += chunk.len() as u64;
         crate::metrics::ShardStats::add(&shard.stats.bytes_in, chunk.len() as u64);
@@ -616,6 +617,9 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
             Event::Control => {
                 crate::metrics::ShardStats::add(&shard.stats.frames_in, 1);
                 st.last_rx = now;
+                // A pong goes out in order with what we send after it (RFC 6455 §5.5.2, and
+                // Autobahn 5.6/5.19/5.20: ping between fragments, pong before the echo).
+                st.pump_control(budget, now);
             }
             Event::Binary(payload) => {
                 st.last_rx = now;
@@ -650,7 +654,6 @@ fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
             }
         }
     }
-    let budget = shard.cfg().limits.send_buffer_bytes;
     st.pump_control(budget, now);
     shard.mark_dirty(conn, &mut st);
 }
