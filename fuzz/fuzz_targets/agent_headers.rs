@@ -45,8 +45,12 @@ fuzz_target!(|data: &[u8]| {
         // Upgrade headers as given.
         0 => {
             let mut f = text.splitn(4, '\n');
-            let (agent_id, timestamp, nonce, signature) =
-                (f.next().unwrap_or(""), f.next().unwrap_or(""), f.next().unwrap_or(""), f.next().unwrap_or(""));
+            let (agent_id, timestamp, nonce, signature) = (
+                f.next().unwrap_or(""),
+                f.next().unwrap_or(""),
+                f.next().unwrap_or(""),
+                f.next().unwrap_or(""),
+            );
             let h = UpgradeHeaders { agent_id, timestamp, nonce, signature };
             let syntax = check_upgrade_syntax(&h, NOW, SKEW);
             let _ = format!("{h:?}");
@@ -60,7 +64,8 @@ fuzz_target!(|data: &[u8]| {
         // Upgrade headers, correctly signed.
         1 => {
             let mut f = text.splitn(3, '\n');
-            let (agent_id, timestamp, nonce) = (f.next().unwrap_or(""), f.next().unwrap_or(""), f.next().unwrap_or(""));
+            let (agent_id, timestamp, nonce) =
+                (f.next().unwrap_or(""), f.next().unwrap_or(""), f.next().unwrap_or(""));
             let Ok(ts) = timestamp.parse::<u64>() else { return };
             let canonical = timestamp == ts.to_string();
             let valid = is_id(agent_id, 1, 64) && is_id(nonce, 16, 64) && timestamp.len() <= 20;
@@ -101,8 +106,12 @@ fuzz_target!(|data: &[u8]| {
         // Message fields, correctly signed (any lengths: long ids take the streaming path).
         _ => {
             let mut f = text.splitn(4, '\n');
-            let (conn, ctr, to, body) =
-                (f.next().unwrap_or(""), f.next().unwrap_or(""), f.next().unwrap_or(""), f.next().unwrap_or(""));
+            let (conn, ctr, to, body) = (
+                f.next().unwrap_or(""),
+                f.next().unwrap_or(""),
+                f.next().unwrap_or(""),
+                f.next().unwrap_or(""),
+            );
             let Ok(n) = ctr.parse::<u64>() else { return };
             let expect = ctr == n.to_string() && (1..1u64 << 53).contains(&n);
             let body = body.as_bytes();
