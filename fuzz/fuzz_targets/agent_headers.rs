@@ -12,6 +12,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use ring::signature::Ed25519KeyPair;
+use switchboard::auth::agent::UPGRADE_CONTEXT;
 use switchboard::auth::{
     check_upgrade_syntax, sign_message_ed25519, sign_message_hmac, sign_upgrade_ed25519, sign_upgrade_hmac,
     verify_message, verify_upgrade, AgentKey, UpgradeHeaders,
@@ -82,8 +83,13 @@ fuzz_target!(|data: &[u8]| {
                     assert!(!ok, "verified over a different timestamp text");
                 }
                 if ok {
-                    // Only within the spec's bounds (the signed string is built on the stack).
-                    assert!(agent_id.len() <= 64 && nonce.len() <= 64 && timestamp.len() <= 20);
+                    // Only when the signed string fits the stack buffer (171 bytes: every
+                    // field at its maximum). A field over its own limit can still verify when
+                    // the others are short; the handshake never gets there, because
+                    // `check_upgrade_syntax` runs first.
+                    assert!(
+                        UPGRADE_CONTEXT.len() + 3 + agent_id.len() + timestamp.len() + nonce.len() <= 171
+                    );
                 }
                 if valid && timestamp.bytes().all(|b| b.is_ascii_digit()) && ts.abs_diff(NOW) <= SKEW {
                     assert!(check_upgrade_syntax(&h, NOW, SKEW).is_ok());
