@@ -9,6 +9,7 @@
 #   SWITCHBOARD_SHARED          where `tools/install-autobahn.sh` lives when ../shared does not
 #   AUTOBAHN_PREFIX             install prefix of wstest (default $HOME/.cache/autobahn)
 #   AUTOBAHN_PROFILE            debug (default: reuses the test build) or release
+#   AUTOBAHN_BIN                a prebuilt switchboard binary to test instead of building one
 #   AUTOBAHN_CASES              JSON list of case patterns (default ["*"])
 #   AUTOBAHN_REPORT_DIR         where the report goes (default: a temp dir, removed on success)
 set -euo pipefail
@@ -36,11 +37,16 @@ echo "== wstest: $wstest"
 
 # --- the daemon -----------------------------------------------------------------------------
 profile=${AUTOBAHN_PROFILE:-debug}
-case "$profile" in
-  release) cargo build --release --bin switchboard; bin="$root/target/release/switchboard" ;;
-  debug) cargo build --bin switchboard; bin="$root/target/debug/switchboard" ;;
-  *) echo "autobahn: AUTOBAHN_PROFILE must be debug or release" >&2; exit 1 ;;
-esac
+if [ -n "${AUTOBAHN_BIN:-}" ]; then
+  bin=$AUTOBAHN_BIN
+  profile="prebuilt $bin"
+else
+  case "$profile" in
+    release) cargo build --release --bin switchboard; bin="$root/target/release/switchboard" ;;
+    debug) cargo build --bin switchboard; bin="$root/target/debug/switchboard" ;;
+    *) echo "autobahn: AUTOBAHN_PROFILE must be debug or release" >&2; exit 1 ;;
+  esac
+fi
 
 work=$(mktemp -d)
 report_dir=${AUTOBAHN_REPORT_DIR:-$work/reports}

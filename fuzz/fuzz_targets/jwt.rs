@@ -44,8 +44,11 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let hs = JwtVerifier::new(&JwtSettings { hs256_secret: Some(HS_SECRET.to_vec()), ..JwtSettings::default() })
-            .unwrap();
+        let hs = JwtVerifier::new(&JwtSettings {
+            hs256_secret: Some(HS_SECRET.to_vec()),
+            ..JwtSettings::default()
+        })
+        .unwrap();
         let es = JwtVerifier::new(&JwtSettings {
             public_keys: vec![("ES256".into(), ES_PUB_PEM.as_bytes().to_vec())],
             ..JwtSettings::default()
@@ -78,8 +81,10 @@ fuzz_target!(|data: &[u8]| {
             let b64 = base64::engine::general_purpose::STANDARD.encode(der);
             let pem = format!("-----BEGIN {label}-----\n{b64}\n-----END {label}-----\n");
             for alg in ["RS256", "ES256", "EdDSA"] {
-                let settings =
-                    JwtSettings { public_keys: vec![(alg.into(), pem.clone().into_bytes())], ..JwtSettings::default() };
+                let settings = JwtSettings {
+                    public_keys: vec![(alg.into(), pem.clone().into_bytes())],
+                    ..JwtSettings::default()
+                };
                 if let Ok(v) = JwtVerifier::new(&settings) {
                     let _ = v.verify_at("eyJhbGciOiJSUzI1NiJ9.e30.AAAA", NOW);
                 }
@@ -98,7 +103,8 @@ fuzz_target!(|data: &[u8]| {
                 Some(i) => (&rest[..i], &rest[i + 1..]),
                 None => (rest, &b""[..]),
             };
-            let signing_input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+            let signing_input =
+                format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
             let sig = if m == 1 {
                 let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HS_SECRET);
                 ring::hmac::sign(&key, signing_input.as_bytes()).as_ref().to_vec()
