@@ -371,10 +371,14 @@ proptest! {
         }
         // Credentials never reach Debug output: it is the same whatever their values.
         let mut other = req.clone();
-        for slot in [&mut other.bearer_from_authorization, &mut other.bearer_from_protocol, &mut other.access_token, &mut other.x_signature] {
-            if let Some(v) = slot {
-                *v = format!("{v}-other");
-            }
+        let credentials = [
+            &mut other.bearer_from_authorization,
+            &mut other.bearer_from_protocol,
+            &mut other.access_token,
+            &mut other.x_signature,
+        ];
+        for v in credentials.into_iter().flatten() {
+            *v = format!("{v}-other");
         }
         prop_assert_eq!(format!("{req:?}"), format!("{other:?}"));
     }
