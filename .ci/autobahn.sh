@@ -154,6 +154,16 @@ for b in list(order) + [b for b in counts if b not in order]:
 for b in ["NON-STRICT", "UNIMPLEMENTED", "FAILED"]:
     if by.get(b):
         print("%s: %s" % (b, " ".join(by[b])))
+import os
+for cid in by.get("FAILED", []):
+    try:
+        with open(os.path.join(os.path.dirname(sys.argv[1]), cases[cid]["reportfile"])) as f:
+            d = json.load(f)
+    except (OSError, ValueError, KeyError):
+        continue
+    print("--- %s: %s" % (cid, " ".join(d.get("description", "").split())[:300]))
+    print("    expected: %s" % json.dumps(d.get("expected"))[:400])
+    print("    received: %s" % json.dumps(d.get("received"))[:400])
 if by.get("CLOSE-FAILED"):
     print("closing behavior FAILED (case behavior otherwise passed): %s" % " ".join(by["CLOSE-FAILED"]))
 sys.exit(1 if counts.get("FAILED", 0) else 0)

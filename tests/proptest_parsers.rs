@@ -371,10 +371,13 @@ proptest! {
         }
         // Credentials never reach Debug output: it is the same whatever their values.
         let mut other = req.clone();
-        for v in [&mut other.bearer_from_authorization, &mut other.bearer_from_protocol, &mut other.access_token, &mut other.x_signature]
-            .into_iter()
-            .flatten()
-        {
+        let credentials = [
+            &mut other.bearer_from_authorization,
+            &mut other.bearer_from_protocol,
+            &mut other.access_token,
+            &mut other.x_signature,
+        ];
+        for v in credentials.into_iter().flatten() {
             *v = format!("{v}-other");
         }
         prop_assert_eq!(format!("{req:?}"), format!("{other:?}"));

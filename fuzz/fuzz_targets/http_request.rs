@@ -28,15 +28,14 @@ fuzz_target!(|data: &[u8]| {
         // `Debug` shows whether a credential is present, never its value: replacing every
         // credential by another value must not change the text at all.
         let mut other = req.clone();
-        for slot in [
+        let credentials = [
             &mut other.bearer_from_authorization,
             &mut other.bearer_from_protocol,
             &mut other.access_token,
             &mut other.x_signature,
-        ] {
-            if let Some(v) = slot {
-                *v = format!("{v}-other");
-            }
+        ];
+        for v in credentials.into_iter().flatten() {
+            *v = format!("{v}-other");
         }
         assert_eq!(format!("{req:?}"), format!("{other:?}"), "a credential reached Debug output");
         if let Some(t) = token {
