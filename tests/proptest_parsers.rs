@@ -827,13 +827,10 @@ fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// BUG (open; owner of src/connection.rs): a ping that arrives between the fragments of a
-/// message, in the same read as the final fragment, is answered *after* the message's echo.
-/// RFC 6455 §5.5.2 wants the pong "as soon as is practical"; Autobahn 5.6, 5.19, 5.20 (and
-/// 5.8 in some runs, depending on how the bytes are chopped) FAIL on the order. Cause: `connection::process` queues data frames on the outbound queue at once,
-/// but tungstenite's pong only reaches the queue in `pump_control` after the whole batch.
-/// Fix (verified with the full Autobahn run: 0 FAILED): in `process`, `Event::Control` arm
-/// (src/connection.rs:535), call `st.pump_control();` after `st.last_rx = now;`.
+/// A ping that arrives between the fragments of a message, in the same read as the final
+/// fragment, is answered before the message's echo (RFC 6455 §5.5.2: "as soon as is
+/// practical"; Autobahn 5.6, 5.19, 5.20 and 5.8 check the order). Regression test: pongs used to
+/// reach the outbound queue only at the end of the read batch.
 #[test]
 fn pong_is_sent_before_the_echo_of_a_message_it_interrupted() {
     let d = common::Daemon::with_config("[server]\necho_endpoint = true\n");
