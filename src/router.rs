@@ -98,6 +98,21 @@ fn take_rate(shard: &ShardCtx, conn: &ConnRef, now: Instant) -> Rate {
     }
 }
 
+/// Charges one `send` to the user's rate. False: the send is dropped (answered
+/// `rate_limited`, or the connection closed with 4029 after sustained abuse).
+fn within_rate(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, m: &Inbound, now: Instant) -> bool {
+    let rate = take_rate(shard, conn, now);
+    if !matches!(rate, Rate::Ok) {
+        crate::metrics::dropped("rate");
+    }
+    match rate {
+        Rate::Ok => return true,
+        Rate::Limited => error(shard, conn, st, "rate_limited", m.id, "message rate exceeded; dropped"),
+        Rate::Abuse => st.close(4029, "message rate abuse", now),
+    }
+    false
+}
+
 /// Queues a frame for the connection itself (acks, errors, pongs).
 fn reply(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, frame: bytes::Bytes) {
     if shard.deliver(conn, st, frame) == Queued::Overflow {
@@ -177,16 +192,8 @@ fn agent_send(
             return error(shard, conn, st, "bad_signature", m.id, msg);
         }
     }
-    match take_rate(shard, conn, now) {
-        Rate::Ok => {}
-        Rate::Limited => {
-            crate::metrics::dropped("rate");
-            return error(shard, conn, st, "rate_limited", m.id, "message rate exceeded; dropped");
-        }
-        Rate::Abuse => {
-            crate::metrics::dropped("rate");
-            return st.close(4029, "message rate abuse", now);
-        }
+    if !within_rate(shard, conn, st, m, now) {
+        return;
     }
     let frame = frames::message_to_client(agent_id, data);
     let user = conn.user.borrow();
@@ -274,16 +281,8 @@ fn client_send(
             );
         }
     };
-    match take_rate(shard, conn, now) {
-        Rate::Ok => {}
-        Rate::Limited => {
-            crate::metrics::dropped("rate");
-            return error(shard, conn, st, "rate_limited", m.id, "message rate exceeded; dropped");
-        }
-        Rate::Abuse => {
-            crate::metrics::dropped("rate");
-            return st.close(4029, "message rate abuse", now);
-        }
+    if !within_rate(shard, conn, st, m, now) {
+        return;
     }
     if !st.role.can_reach(target) {
         crate::metrics::dropped("not_allowed");
