@@ -926,7 +926,9 @@ fn run_relay(a: &RelayArgs, soak: Option<f64>) -> anyhow::Result<i32> {
             "soak memory slope:   {} over the run, {} over the second half ({} per inbound frame)",
             f(m.slope_kib_per_min, "KiB/min"),
             f(m.slope_kib_per_min_second_half, "KiB/min"),
-            f(m.bytes_per_inbound_frame_second_half, "B")
+            m.bytes_per_inbound_frame_second_half
+                .map(|v| format!("{v:+.3} B"))
+                .unwrap_or_else(|| "n/a".into())
         );
     }
     println!("accounting:");
