@@ -1217,6 +1217,12 @@ fn handle_message(ctx: &ThreadCtx, conn: &Conn, from: &str, data: Option<&serde_
     bump_at(&mut acc.timeline_received, sec, 1);
 }
 
+/// A connection's offset within the sending interval, in [0, 1): the fractional parts of
+/// multiples of the golden ratio, so any number of connections is spread evenly.
+fn rate_phase(idx: usize) -> f64 {
+    (idx as f64 * 0.618_033_988_749_894_9).fract()
+}
+
 /// Appends `n` in decimal.
 fn push_u64(out: &mut Vec<u8>, n: u64) {
     let mut b = [0u8; 20];
@@ -1335,12 +1341,17 @@ async fn writer(ctx: Rc<ThreadCtx>, conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpSt
                     }
                     let mut n = room.min(MAX_BATCH);
                     if tr.rate > 0.0 && room > 0 {
-                        let elapsed = start.elapsed().as_secs_f64();
-                        let due = ((tr.rate * elapsed) as u64 + 1).saturating_sub(st.sent);
+                        // Send k (0, 1, 2, …) is due at (phase + k) / rate: each connection
+                        // has its own phase, so the senders are spread over the interval
+                        // instead of all firing at once (synchronised senders would measure
+                        // the relay's burst queueing, not its latency).
+                        let phase = rate_phase(conn.idx);
+                        let ticks = start.elapsed().as_secs_f64() * tr.rate - phase;
+                        let due = if ticks < 0.0 { 0 } else { (ticks as u64 + 1).saturating_sub(st.sent) };
                         n = n.min(due as usize);
                         if n == 0 {
-                            let next_at = st.sent as f64 / tr.rate;
-                            wait = Some(Duration::from_secs_f64((next_at - elapsed).max(0.0002)));
+                            let wait_ticks = (st.sent as f64 - ticks).max(0.0);
+                            wait = Some(Duration::from_secs_f64((wait_ticks / tr.rate).max(0.0002)));
                         }
                     }
                     for _ in 0..n {
@@ -1392,6 +1403,18 @@ mod tests {
         assert_eq!(r.record(200), (false, false));
         assert!(r.has(1) && r.has(2) && r.has(200) && !r.has(4) && !r.has(100_000));
         assert_eq!((r.count, r.dups, r.out_of_order, r.max), (4, 1, 1, 200));
+    }
+
+    #[test]
+    fn rate_phases_spread_the_senders() {
+        // 1,000 connections: every tenth of the interval holds about a tenth of them.
+        let mut bins = [0u32; 10];
+        for i in 0..1000 {
+            let p = rate_phase(i);
+            assert!((0.0..1.0).contains(&p));
+            bins[(p * 10.0) as usize] += 1;
+        }
+        assert!(bins.iter().all(|&b| (90..=110).contains(&b)), "{bins:?}");
     }
 
     #[test]
