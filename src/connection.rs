@@ -86,6 +86,10 @@ pub enum Phase {
     Closing(Instant),
     /// Write what is queued (a close reply), then drop the socket (by the deadline at most).
     FlushThenClose(Instant),
+    /// Our last bytes are written and our side is shut down (FIN); read and discard until the
+    /// peer's EOF (or the deadline), so unread input cannot turn the close into a reset that
+    /// destroys our close frame before the peer reads it.
+    Draining(Instant),
     Dead,
 }
 
@@ -220,7 +224,7 @@ impl ConnState {
     /// The deadline already running, or a new one from `now`.
     fn close_deadline(&self, now: Instant) -> Instant {
         match self.phase {
-            Phase::Closing(d) | Phase::FlushThenClose(d) => d,
+            Phase::Closing(d) | Phase::FlushThenClose(d) | Phase::Draining(d) => d,
             _ => now + CLOSE_DEADLINE,
         }
     }
@@ -354,9 +358,10 @@ impl ShardCtx {
             crate::metrics::ShardStats::add(&self.stats.bytes_out, std::mem::take(&mut st.flushed));
             match r {
                 Ok(true) => {
-                    if matches!(st.phase, Phase::FlushThenClose(_)) {
-                        st.phase = Phase::Dead;
-                        conn.notify();
+                    if let Phase::FlushThenClose(deadline) = st.phase {
+                        // SAFETY: shutdown(2) on the connection's own descriptor.
+                        unsafe { libc::shutdown(conn.fd, libc::SHUT_WR) };
+                        st.phase = Phase::Draining(deadline);
                     }
                 }
                 Ok(false) => {
@@ -592,7 +597,7 @@ fn decrypt(shard: &ShardCtx, conn: &ConnRef, chunk: Bytes) -> Option<Bytes> {
 fn process(shard: &ShardCtx, conn: &ConnRef, chunk: Option<Bytes>) {
     let now = shard.now();
     let mut st = conn.st.borrow_mut();
-    if matches!(st.phase, Phase::FlushThenClose(_) | Phase::Dead) {
+    if matches!(st.phase, Phase::FlushThenClose(_) | Phase::Draining(_) | Phase::Dead) {
         // Our last words are queued; what the peer still sends is discarded.
         return;
     }

@@ -152,7 +152,9 @@ impl ShardCtx {
             let queued = st.queued_bytes();
             outbound += queued;
             match st.phase {
-                Phase::Closing(deadline) | Phase::FlushThenClose(deadline) if now >= deadline => {
+                Phase::Closing(deadline) | Phase::FlushThenClose(deadline) | Phase::Draining(deadline)
+                    if now >= deadline =>
+                {
                     st.phase = Phase::Dead;
                     conn.notify();
                     continue;
