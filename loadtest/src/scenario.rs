@@ -1040,26 +1040,38 @@ fn run_relay(a: &RelayArgs, soak: Option<f64>) -> anyhow::Result<i32> {
         write_svg(
             &a.gen.svg_out,
             &format!("switchboard-loadtest {name}: {conns} connections, {dir}, {rate_text}"),
-            &[
-                target_line(&s.info),
-                format!(
-                    "{} inbound frames and {} deliveries per daemon CPU-s; p50 {:.2} ms, p99 {:.2} ms",
-                    opt(frames_per_cpu, thousands),
-                    opt(deliveries_per_cpu, thousands),
-                    lat.p50_us / 1000.0,
-                    lat.p99_us / 1000.0
-                ),
-                format!(
-                    "generator threads {utils}{}; {}{}",
-                    if saturated { " (SATURATED)" } else { "" },
-                    machine_line(&send_cpu),
-                    if failures.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; FAILED: {}", failures.join("; "))
-                    }
-                ),
-            ],
+            &{
+                let mut lines = vec![
+                    target_line(&s.info),
+                    format!(
+                        "{} inbound frames and {} deliveries per daemon CPU-s; p50 {:.2} ms, p99 {:.2} ms",
+                        opt(frames_per_cpu, thousands),
+                        opt(deliveries_per_cpu, thousands),
+                        lat.p50_us / 1000.0,
+                        lat.p99_us / 1000.0
+                    ),
+                    format!(
+                        "generator threads {utils}{}; {}{}",
+                        if saturated { " (SATURATED)" } else { "" },
+                        machine_line(&send_cpu),
+                        if failures.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; FAILED: {}", failures.join("; "))
+                        }
+                    ),
+                ];
+                if let Some(m) = &soak_mem {
+                    lines.push(format!(
+                        "daemon RSS {} → {} KiB; slope {} KiB/min over the second half ({} B per inbound frame)",
+                        m.rss_kib_start.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into()),
+                        m.rss_kib_end.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into()),
+                        m.slope_kib_per_min_second_half.map(|v| format!("{v:+.1}")).unwrap_or_else(|| "n/a".into()),
+                        m.bytes_per_inbound_frame_second_half.map(|v| format!("{v:+.3}")).unwrap_or_else(|| "n/a".into())
+                    ));
+                }
+                lines
+            },
             "seconds since the traffic started",
             &panels,
         )?;
