@@ -99,7 +99,7 @@ pub enum GenDriver {
 /// How the generator runs.
 #[derive(Args, Debug, Clone)]
 pub struct GenArgs {
-    /// Generator threads (each a monoio runtime); default 1 for idle, 2 for relay.
+    /// Generator threads (each a monoio runtime); default 1 for idle, 2 for relay, soak and connect.
     #[arg(long)]
     pub threads: Option<usize>,
     /// The generator's own I/O driver.
