@@ -544,3 +544,6 @@ pub fn assert_relay_id(id: &str) {
         "relay id {id:?} breaks §1"
     );
 }
+
+/// Offline delivery and resume helpers (§10): resume queries, stream/mailbox readers, restarts.
+pub mod resume;

@@ -1,0 +1,586 @@
+//! Client streams and resume (spec §8, docs/protocol.md §10.1–10.2): every message from an
+//! agent to its user's sessions carries a per-(user, agent) `seq` and the stream's `epoch`; a
+//! client that reconnects with `agent=&since=&epoch=` (and `resume=`) gets exactly what it
+//! missed, in order, then `resumed`, then live traffic; `recovered:false` comes with no replay
+//! at all; malformed resume parameters are refused with 400 before the credentials; and a
+//! resume never crosses users.
+
+mod common;
+
+use common::resume::*;
+use common::*;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use switchboard::client::{AgentConn, ClientConn, ClientOpts, Frame};
+
+const HIGH_RATE: &str = "[limits]\nmessages_per_sec_per_user = 100000\nmessages_burst_per_user = 100000\n";
+
+/// Agent `send` with an id, and the ack it must get: `queued` or live.
+#[track_caller]
+fn agent_send(ag: &mut AgentConn, to: Option<&str>, data: &Value, id: &str, queued: bool) {
+    ag.send(to, data, Some(id)).unwrap();
+    if queued {
+        expect_ack_queued(ag, AGENT_NOISE, id);
+    } else {
+        expect_ack_live(ag, AGENT_NOISE, id);
+    }
+}
+
+/// Closes a client bound to the agent `ag` is, and waits until the relay has closed the
+/// session (the agent's `session open:false`), so it is resumable.
+#[track_caller]
+fn disconnect(c: ClientConn, ag: &mut AgentConn) -> String {
+    let mut c = c;
+    let s = c.session.clone();
+    c.ws.close();
+    drop(c);
+    await_session_event(ag, &s, false);
+    s
+}
+
+/// Closes a client (reading what arrives up to the relay's close echo when `drain`) and drops
+/// its socket at once; returns its session and the frames read.
+fn leave(mut c: ClientConn, drain: bool) -> (String, Vec<Frame>) {
+    let frames = if drain {
+        close_and_drain(&mut c)
+    } else {
+        c.ws.close();
+        Vec::new()
+    };
+    (c.session.clone(), frames)
+}
+
+#[test]
+fn every_message_to_a_client_carries_seq_and_epoch_per_agent_stream_and_user() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let b = d.hmac_agent("u1", "b");
+    let c = d.hmac_agent("u2", "c");
+    let (mut ag_a, mut ag_b, mut ag_c) = (d.agent(&a), d.agent(&b), d.agent(&c));
+    let t1 = d.token("u1", &[], "1h");
+    let mut unbound = d.client(&t1, None);
+    let mut bound_a = d.client(&t1, Some(a.agent_id()));
+    let mut other_user = d.client(&d.token("u2", &[], "1h"), None);
+
+    agent_send(&mut ag_a, None, &json!("a1"), "1", false);
+    let e_a = expect_stream(&mut unbound, a.agent_id(), 1, &json!("a1"));
+    assert_eq!(expect_stream(&mut bound_a, a.agent_id(), 1, &json!("a1")), e_a, "one epoch per stream");
+    // An addressed message takes the next seq of the stream too.
+    agent_send(&mut ag_a, Some(&unbound.session), &json!({"to": "unbound"}), "2", false);
+    assert_eq!(expect_stream(&mut unbound, a.agent_id(), 2, &json!({"to": "unbound"})), e_a);
+    agent_send(&mut ag_a, None, &json!("a3"), "3", false);
+    assert_eq!(expect_stream(&mut unbound, a.agent_id(), 3, &json!("a3")), e_a);
+    // The other session of the user sees the gap left by the message that was not its.
+    assert_eq!(expect_stream(&mut bound_a, a.agent_id(), 3, &json!("a3")), e_a);
+    agent_send(&mut ag_a, Some(&bound_a.session), &json!("a4"), "4", false);
+    assert_eq!(expect_stream(&mut bound_a, a.agent_id(), 4, &json!("a4")), e_a);
+
+    // Another agent of the same user: its own stream, from seq 1.
+    agent_send(&mut ag_b, None, &json!("b1"), "5", false);
+    expect_stream(&mut unbound, b.agent_id(), 1, &json!("b1"));
+    agent_send(&mut ag_b, Some(&unbound.session), &json!("b2"), "6", false);
+    expect_stream(&mut unbound, b.agent_id(), 2, &json!("b2"));
+    // Another user: its own stream, from seq 1, whatever u1's streams did.
+    agent_send(&mut ag_c, None, &json!("c1"), "7", false);
+    expect_stream(&mut other_user, c.agent_id(), 1, &json!("c1"));
+    agent_send(&mut ag_a, None, &json!("a5"), "8", false);
+    assert_eq!(expect_stream(&mut unbound, a.agent_id(), 5, &json!("a5")), e_a);
+    assert_eq!(expect_stream(&mut bound_a, a.agent_id(), 5, &json!("a5")), e_a);
+
+    for cl in [&mut unbound, &mut bound_a, &mut other_user] {
+        assert_quiet(cl, CLIENT_NOISE);
+    }
+}
+
+#[test]
+fn a_resumed_client_gets_exactly_the_missed_messages_in_order_then_resumed_then_live_traffic() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let mut c = d.client(&t, Some(a.agent_id()));
+    let mut other = d.client(&t, Some(a.agent_id()));
+    agent_send(&mut ag, None, &json!("m1"), "1", false);
+    agent_send(&mut ag, None, &json!("m2"), "2", false);
+    let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
+    expect_stream(&mut c, a.agent_id(), 2, &json!("m2"));
+    for s in [1, 2] {
+        expect_stream(&mut other, a.agent_id(), s, &json!(format!("m{s}")));
+    }
+    let old = disconnect(c, &mut ag);
+
+    // While it is away: broadcasts are delivered to the others; messages addressed to the
+    // closed session are kept and acked queued:true.
+    agent_send(&mut ag, None, &json!("m3"), "3", false);
+    agent_send(&mut ag, Some(&old), &json!({"n": 4, "to": "old"}), "4", true);
+    agent_send(&mut ag, None, &json!("m5"), "5", false);
+    agent_send(&mut ag, Some(&old), &json!({"n": 6, "to": "old"}), "6", true);
+    expect_stream(&mut other, a.agent_id(), 3, &json!("m3"));
+    expect_stream(&mut other, a.agent_id(), 5, &json!("m5"));
+    assert_quiet(&mut other, CLIENT_NOISE);
+
+    let mut c2 = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(2), Some(&epoch), Some(&old)));
+    assert_ne!(c2.session, old, "a resumed connection is a new session");
+    for (seq, data) in
+        [(3, json!("m3")), (4, json!({"n": 4, "to": "old"})), (5, json!("m5")), (6, json!({"n": 6, "to": "old"}))]
+    {
+        assert_eq!(expect_stream(&mut c2, a.agent_id(), seq, &data), epoch, "the replay keeps the epoch");
+    }
+    expect_resumed(&mut c2, a.agent_id(), true);
+    // Live traffic follows, in the same stream.
+    agent_send(&mut ag, None, &json!("m7"), "7", false);
+    assert_eq!(expect_stream(&mut c2, a.agent_id(), 7, &json!("m7")), epoch);
+    // The new session took the old one over: a send to the old id reaches it while connected.
+    agent_send(&mut ag, Some(&old), &json!("m8"), "8", false);
+    expect_stream(&mut c2, a.agent_id(), 8, &json!("m8"));
+    agent_send(&mut ag, Some(&c2.session), &json!("m9"), "9", false);
+    expect_stream(&mut c2, a.agent_id(), 9, &json!("m9"));
+    assert_quiet(&mut c2, CLIENT_NOISE);
+    expect_stream(&mut other, a.agent_id(), 7, &json!("m7"));
+    assert_quiet(&mut other, CLIENT_NOISE);
+}
+
+/// Shared between the traffic thread (the agent) and the reconnecting client.
+#[derive(Default)]
+struct Cycle {
+    /// The client's current incarnation and its session id.
+    gen: usize,
+    session: String,
+    stop: bool,
+    /// Highest incarnation that an addressed send was acked for (live or queued).
+    acked_gen: Option<usize>,
+    /// Highest incarnation that an addressed send was acked `queued:true` for.
+    queued_gen: Option<usize>,
+    /// Sessions the agent was told are closed.
+    closed: HashSet<String>,
+}
+
+/// The client-side checker: every stream message exactly once, in order.
+struct Checker {
+    agent: String,
+    last: u64,
+    epoch: Option<String>,
+    got: Vec<Value>,
+}
+
+impl Checker {
+    #[track_caller]
+    fn take(&mut self, f: &Frame) -> Value {
+        let m = stream_msg(f);
+        assert_eq!(m.from, self.agent, "{}", f.text);
+        assert_eq!(
+            m.seq,
+            self.last + 1,
+            "exactly once and in order: after seq {} got {} ({} messages so far)",
+            self.last,
+            f.text,
+            self.got.len()
+        );
+        match &self.epoch {
+            None => self.epoch = Some(m.epoch.clone()),
+            Some(e) => assert_eq!(&m.epoch, e, "the epoch never changes without a crash: {}", f.text),
+        }
+        self.last = m.seq;
+        self.got.push(m.data.clone());
+        m.data
+    }
+}
+
+#[test]
+fn reconnect_cycles_under_continuous_agent_traffic_deliver_every_message_exactly_once_in_order() {
+    const CYCLES: usize = 16;
+    let d = Daemon::with_config(HIGH_RATE);
+    let a = d.hmac_agent("u1", "a");
+    let t = d.token("u1", &[], "1h");
+    let mut ag = d.agent(&a);
+    let mut rng = Rng::new(0x5eed_0006);
+    let mut c = d.client(&t, Some(a.agent_id()));
+    await_session_event(&mut ag, &c.session, true);
+    let shared = Arc::new(Mutex::new(Cycle { session: c.session.clone(), ..Cycle::default() }));
+
+    // The agent: one send at a time, a broadcast or a message to the client's current
+    // session, each waited for its ack, until told to stop.
+    let traffic = {
+        let shared = shared.clone();
+        let mut rng = Rng::new(0x5eed_0007);
+        std::thread::spawn(move || {
+            let mut sent: Vec<(Value, bool)> = Vec::new();
+            for i in 1.. {
+                let (gen, session) = {
+                    let s = shared.lock().unwrap();
+                    if s.stop {
+                        break;
+                    }
+                    (s.gen, s.session.clone())
+                };
+                let addressed = rng.below(2) == 0;
+                let data = json!({"i": i, "to": if addressed { json!(gen) } else { Value::Null }});
+                let id = format!("i{i}");
+                ag.send(addressed.then_some(session.as_str()), &data, Some(&id)).unwrap();
+                let queued = loop {
+                    let f = next_frame(&mut ag, WAIT);
+                    match f.ty() {
+                        "session" => {
+                            if f.value["open"] == json!(false) {
+                                shared.lock().unwrap().closed.insert(f.str("session").to_string());
+                            }
+                        }
+                        "ack" if f.str("id") == id => break f.value.get("queued") == Some(&json!(true)),
+                        _ => panic!("agent: expected the ack of {id} (sent to {session:?}), got {}", f.text),
+                    }
+                };
+                if addressed {
+                    let mut s = shared.lock().unwrap();
+                    s.acked_gen = s.acked_gen.max(Some(gen));
+                    if queued {
+                        s.queued_gen = s.queued_gen.max(Some(gen));
+                    }
+                }
+                sent.push((data, queued));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            sent
+        })
+    };
+
+    let mut ck = Checker { agent: a.agent_id().to_string(), last: 0, epoch: None, got: Vec::new() };
+    let mut resumes = 0;
+    for gen in 0..CYCLES {
+        // Read until the replay is over (`resumed`), a message addressed to this incarnation
+        // arrived (so everything addressed to the previous one was read) and the agent has an
+        // ack for a send to it; then a few more.
+        let mut resumed = gen == 0;
+        let mut own = false;
+        let extra = rng.below(12);
+        let mut after = 0;
+        loop {
+            let f = client_next(&mut c);
+            match f.ty() {
+                "message" => {
+                    if ck.take(&f)["to"] == json!(gen) {
+                        own = true;
+                    }
+                }
+                "resumed" => {
+                    assert!(!resumed, "one resumed frame per resume: {}", f.text);
+                    assert_eq!(f.value, json!({"type": "resumed", "agent": a.agent_id(), "recovered": true}));
+                    resumed = true;
+                    resumes += 1;
+                }
+                _ => panic!("incarnation {gen}: unexpected {}", f.text),
+            }
+            if resumed && own && shared.lock().unwrap().acked_gen >= Some(gen) {
+                after += 1;
+                if after > extra {
+                    break;
+                }
+            }
+        }
+        // Leave, sometimes reading what was already on the way, sometimes not (then it must
+        // come again in the replay).
+        let (s, frames) = leave(c, rng.below(2) == 0);
+        for f in frames {
+            if f.ty() == "message" {
+                ck.take(&f);
+            } else {
+                assert_eq!(f.ty(), "presence", "incarnation {gen}: unexpected {}", f.text);
+            }
+        }
+        eventually(WAIT, || shared.lock().unwrap().closed.contains(&s).then_some(()))
+            .unwrap_or_else(|| panic!("the agent never saw session {s} close"));
+        // Stay away until a message addressed to the closed session was kept for it.
+        eventually(WAIT, || (shared.lock().unwrap().queued_gen >= Some(gen)).then_some(()))
+            .unwrap_or_else(|| panic!("no send to closed session {s} was acked queued:true"));
+        let q = resume_query(Some(ck.last), ck.epoch.as_deref(), Some(&s));
+        c = client_q(&d, &t, Some(a.agent_id()), &q);
+        let mut sh = shared.lock().unwrap();
+        sh.gen = gen + 1;
+        sh.session = c.session.clone();
+    }
+
+    shared.lock().unwrap().stop = true;
+    let sent = traffic.join().expect("the agent thread");
+    let mut resumed = false;
+    while ck.got.len() < sent.len() || !resumed {
+        let f = client_next(&mut c);
+        match f.ty() {
+            "message" => {
+                ck.take(&f);
+            }
+            "resumed" if !resumed => {
+                assert_eq!(f.value, json!({"type": "resumed", "agent": a.agent_id(), "recovered": true}));
+                resumed = true;
+                resumes += 1;
+            }
+            _ => panic!("final incarnation: unexpected {}", f.text),
+        }
+    }
+    assert_quiet(&mut c, CLIENT_NOISE);
+    let want: Vec<Value> = sent.iter().map(|(v, _)| v.clone()).collect();
+    assert_eq!(ck.got, want, "every message acked to the agent reached the client exactly once, in order");
+    let queued = sent.iter().filter(|(_, q)| *q).count();
+    assert_eq!(resumes, CYCLES);
+    assert!(queued >= CYCLES, "each absence had a message kept for the closed session ({queued})");
+    eprintln!("{} messages over {} incarnations, {queued} acked queued:true", sent.len(), CYCLES + 1);
+}
+
+#[test]
+fn a_wrong_epoch_gives_recovered_false_and_no_replay_at_all() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let mut c = d.client(&t, Some(a.agent_id()));
+    agent_send(&mut ag, None, &json!("m1"), "1", false);
+    let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
+    let old = disconnect(c, &mut ag);
+    agent_send(&mut ag, None, &json!("m2"), "2", false);
+    agent_send(&mut ag, Some(&old), &json!("m3"), "3", true);
+
+    let wrong = if epoch == "e_not_the_epoch" { "e_not_the_epoch_either" } else { "e_not_the_epoch" };
+    let mut c2 = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(1), Some(wrong), Some(&old)));
+    // Not even the messages addressed to the old session: no partial replay.
+    expect_resumed(&mut c2, a.agent_id(), false);
+    assert_quiet(&mut c2, CLIENT_NOISE);
+    // Live traffic goes on in the stream's real epoch.
+    agent_send(&mut ag, None, &json!("m4"), "4", false);
+    assert_eq!(expect_stream(&mut c2, a.agent_id(), 4, &json!("m4")), epoch);
+    assert_quiet(&mut c2, CLIENT_NOISE);
+}
+
+#[test]
+fn since_beyond_the_last_seq_gives_recovered_false_and_since_at_it_recovers_nothing_missed() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let mut c = d.client(&t, Some(a.agent_id()));
+    agent_send(&mut ag, None, &json!("m1"), "1", false);
+    agent_send(&mut ag, None, &json!("m2"), "2", false);
+    let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
+    expect_stream(&mut c, a.agent_id(), 2, &json!("m2"));
+    disconnect(c, &mut ag);
+
+    for since in [3, 1000, u64::MAX] {
+        let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(since), Some(&epoch), None));
+        expect_resumed(&mut r, a.agent_id(), false);
+        assert_quiet(&mut r, CLIENT_NOISE);
+        disconnect(r, &mut ag);
+    }
+    // At the last seq: nothing was missed, nothing is replayed, and that is a full recovery.
+    let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(2), Some(&epoch), None));
+    expect_resumed(&mut r, a.agent_id(), true);
+    assert_quiet(&mut r, CLIENT_NOISE);
+    agent_send(&mut ag, None, &json!("m3"), "3", false);
+    expect_stream(&mut r, a.agent_id(), 3, &json!("m3"));
+}
+
+#[test]
+fn a_resume_from_before_the_trimmed_history_gives_recovered_false() {
+    let d = Daemon::with_config("[history]\nmax_messages = 5\n");
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let mut c = d.client(&t, Some(a.agent_id()));
+    agent_send(&mut ag, None, &json!(1), "1", false);
+    let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!(1));
+    disconnect(c, &mut ag);
+    for n in 2..=11 {
+        agent_send(&mut ag, None, &json!(n), &n.to_string(), false);
+    }
+    // The history keeps the last 5 (7..=11): from 1 or 5 the replay would be incomplete.
+    for since in [1, 5] {
+        let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(since), Some(&epoch), None));
+        expect_resumed(&mut r, a.agent_id(), false);
+        assert_quiet(&mut r, CLIENT_NOISE);
+        disconnect(r, &mut ag);
+    }
+    let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(6), Some(&epoch), None));
+    for n in 7..=11 {
+        assert_eq!(expect_stream(&mut r, a.agent_id(), n, &json!(n)), epoch);
+    }
+    expect_resumed(&mut r, a.agent_id(), true);
+    assert_quiet(&mut r, CLIENT_NOISE);
+}
+
+#[test]
+fn with_history_off_a_resume_recovers_only_when_nothing_was_missed() {
+    let d = Daemon::with_config("[history]\nmax_messages = 0\n");
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let mut c = d.client(&t, Some(a.agent_id()));
+    agent_send(&mut ag, None, &json!(1), "1", false);
+    let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!(1));
+    disconnect(c, &mut ag);
+
+    let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(1), Some(&epoch), None));
+    expect_resumed(&mut r, a.agent_id(), true);
+    assert_quiet(&mut r, CLIENT_NOISE);
+    disconnect(r, &mut ag);
+    agent_send(&mut ag, None, &json!(2), "2", false);
+    let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(1), Some(&epoch), None));
+    expect_resumed(&mut r, a.agent_id(), false);
+    assert_quiet(&mut r, CLIENT_NOISE);
+    // Messages still carry seq and epoch.
+    agent_send(&mut ag, None, &json!(3), "3", false);
+    assert_eq!(expect_stream(&mut r, a.agent_id(), 3, &json!(3)), epoch);
+}
+
+#[test]
+fn resume_alone_delivers_what_was_addressed_to_the_old_session_after_it_closed() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let mut c = d.client(&t, Some(a.agent_id()));
+    agent_send(&mut ag, Some(&c.session), &json!("seen"), "0", false);
+    let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("seen"));
+    let old = disconnect(c, &mut ag);
+    agent_send(&mut ag, Some(&old), &json!("kept-1"), "1", true);
+    agent_send(&mut ag, None, &json!("a broadcast"), "2", false);
+    agent_send(&mut ag, Some(&old), &json!("kept-2"), "3", true);
+
+    // Only what was addressed to the old session after it closed; not the broadcast, not
+    // what it had already received.
+    let mut c2 = client_q(&d, &t, Some(a.agent_id()), &resume_query(None, None, Some(&old)));
+    assert_eq!(expect_stream(&mut c2, a.agent_id(), 2, &json!("kept-1")), epoch);
+    assert_eq!(expect_stream(&mut c2, a.agent_id(), 4, &json!("kept-2")), epoch);
+    expect_resumed(&mut c2, a.agent_id(), true);
+    assert_quiet(&mut c2, CLIENT_NOISE);
+    // It took the old session over.
+    agent_send(&mut ag, Some(&old), &json!("via the old id"), "4", false);
+    expect_stream(&mut c2, a.agent_id(), 5, &json!("via the old id"));
+    disconnect(c2, &mut ag);
+
+    // The old session is no longer resumable: a second resume of it gets nothing.
+    let mut c3 = client_q(&d, &t, Some(a.agent_id()), &resume_query(None, None, Some(&old)));
+    expect_resumed(&mut c3, a.agent_id(), false);
+    assert_quiet(&mut c3, CLIENT_NOISE);
+}
+
+#[test]
+fn an_agent_send_to_a_session_that_never_existed_is_offline_and_not_kept() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let never = "s_neverExisted0000";
+    ag.send(Some(never), &json!("lost"), Some("x")).unwrap();
+    expect_error(&mut ag, AGENT_NOISE, "offline", "x");
+    // Nothing was kept for it: a resume of that id recovers nothing.
+    let mut c = client_q(&d, &t, Some(a.agent_id()), &resume_query(None, None, Some(never)));
+    expect_resumed(&mut c, a.agent_id(), false);
+    assert_quiet(&mut c, CLIENT_NOISE);
+}
+
+#[test]
+fn malformed_resume_parameters_are_refused_with_400_before_the_credentials() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let t = d.token("u1", &[], "1h");
+    let ag = a.agent_id();
+    let long = "e".repeat(65);
+    let bad: Vec<String> = vec![
+        // Dependencies between the parameters.
+        "since=0&epoch=e_x".into(),
+        format!("agent={ag}&since=0"),
+        format!("agent={ag}&epoch=e_x"),
+        "epoch=e_x".into(),
+        "since=0".into(),
+        // `since`: a decimal u64.
+        format!("agent={ag}&since=x&epoch=e_x"),
+        format!("agent={ag}&since=-1&epoch=e_x"),
+        format!("agent={ag}&since=%2B1&epoch=e_x"),
+        format!("agent={ag}&since=1.0&epoch=e_x"),
+        format!("agent={ag}&since=1e3&epoch=e_x"),
+        format!("agent={ag}&since=0x10&epoch=e_x"),
+        format!("agent={ag}&since=18446744073709551616&epoch=e_x"),
+        // `epoch`: 1–64 of [A-Za-z0-9_-].
+        format!("agent={ag}&since=0&epoch="),
+        format!("agent={ag}&since=0&epoch=e.x"),
+        format!("agent={ag}&since=0&epoch=e%20x"),
+        format!("agent={ag}&since=0&epoch=e%2Fx"),
+        format!("agent={ag}&since=0&epoch={long}"),
+        // `resume`: 1–64 of [A-Za-z0-9_-].
+        format!("agent={ag}&resume="),
+        format!("agent={ag}&resume=s.x"),
+        "resume=s%21x".into(),
+        format!("resume={long}"),
+    ];
+    for q in &bad {
+        // Without a token too: the query is checked before the credentials.
+        let no_token = ClientOpts { extra_query: Some(q.clone()), ..ClientOpts::default() };
+        let r = switchboard::client::ClientConn::connect_with(d.addr, None, &no_token);
+        let e = r.err().unwrap_or_else(|| panic!("?{q} without a token was accepted"));
+        assert_eq!((e.status(), e.body_json()), (Some(400), Some(json!({"error": "bad_request"}))), "?{q}: {e}");
+        let e = try_client_q(&d, &t, None, q).err().unwrap_or_else(|| panic!("?{q} was accepted"));
+        assert_eq!((e.status(), e.body_json()), (Some(400), Some(json!({"error": "bad_request"}))), "?{q}: {e}");
+    }
+    // The bounds themselves are fine.
+    let max_id = "E".repeat(64);
+    for q in [
+        resume_query(Some(0), Some(&max_id), None),
+        resume_query(Some(u64::MAX), Some("e"), Some(&max_id)),
+        resume_query(None, None, Some("s")),
+    ] {
+        let mut c = client_q(&d, &t, Some(ag), &q);
+        expect_resumed(&mut c, ag, false);
+        assert_quiet(&mut c, CLIENT_NOISE);
+    }
+}
+
+#[test]
+fn replayed_and_kept_messages_never_cross_users() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let b = d.hmac_agent("u2", "b");
+    let (mut ag_a, mut ag_b) = (d.agent(&a), d.agent(&b));
+    let (t1, t2) = (d.token("u1", &[], "1h"), d.token("u2", &[], "1h"));
+    let mut ca = d.client(&t1, Some(a.agent_id()));
+    let mut cb = d.client(&t2, Some(b.agent_id()));
+    agent_send(&mut ag_a, None, &json!("a-1"), "1", false);
+    let epoch_a = expect_stream(&mut ca, a.agent_id(), 1, &json!("a-1"));
+    let old = disconnect(ca, &mut ag_a);
+    agent_send(&mut ag_a, Some(&old), &json!("a-secret"), "2", true);
+    agent_send(&mut ag_a, None, &json!("a-3"), "3", false);
+    // Another user's agent cannot reach u1's closed session: offline, and nothing is kept.
+    ag_b.send(Some(&old), &json!("b-intrusion"), Some("x")).unwrap();
+    expect_error(&mut ag_b, AGENT_NOISE, "offline", "x");
+    agent_send(&mut ag_b, None, &json!("b-1"), "4", false);
+    expect_stream(&mut cb, b.agent_id(), 1, &json!("b-1"));
+
+    // u2 presents u1's old session and u1's epoch: nothing of u1's comes back.
+    let attempts = [
+        (Some(b.agent_id()), resume_query(Some(0), Some(&epoch_a), Some(&old))),
+        (Some(b.agent_id()), resume_query(None, None, Some(&old))),
+        (None, resume_query(None, None, Some(&old))),
+    ];
+    for (bind, q) in &attempts {
+        let mut x = client_q(&d, &t2, *bind, q);
+        // One resumed per stream u2 can reach (only b's), never recovered, nothing replayed.
+        expect_resumed(&mut x, b.agent_id(), false);
+        assert_quiet(&mut x, CLIENT_NOISE);
+    }
+    // u2 cannot even bind to u1's agent.
+    assert_refused(try_client_q(&d, &t2, Some(a.agent_id()), &resume_query(Some(0), Some(&epoch_a), Some(&old))), 403, "forbidden");
+
+    // u1's old session is still resumable and holds exactly u1's messages.
+    let mut ca2 = client_q(&d, &t1, Some(a.agent_id()), &resume_query(Some(1), Some(&epoch_a), Some(&old)));
+    expect_stream(&mut ca2, a.agent_id(), 2, &json!("a-secret"));
+    expect_stream(&mut ca2, a.agent_id(), 3, &json!("a-3"));
+    expect_resumed(&mut ca2, a.agent_id(), true);
+    // u2's traffic never shows up in u1's streams, live or replayed.
+    agent_send(&mut ag_b, None, &json!("b-2"), "5", false);
+    expect_stream(&mut cb, b.agent_id(), 2, &json!("b-2"));
+    assert_quiet(&mut ca2, CLIENT_NOISE);
+    let mut unbound = client_q(&d, &t1, None, &resume_query(None, None, Some(&ca2.session)));
+    agent_send(&mut ag_b, None, &json!("b-3"), "6", false);
+    expect_stream(&mut cb, b.agent_id(), 3, &json!("b-3"));
+    // ca2 is live, so not resumable: recovered:false for u1's only stream, nothing of u2's.
+    expect_resumed(&mut unbound, a.agent_id(), false);
+    assert_quiet(&mut unbound, CLIENT_NOISE);
+    assert_quiet(&mut cb, CLIENT_NOISE);
+}
