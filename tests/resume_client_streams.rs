@@ -123,9 +123,12 @@ fn a_resumed_client_gets_exactly_the_missed_messages_in_order_then_resumed_then_
 
     let mut c2 = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(2), Some(&epoch), Some(&old)));
     assert_ne!(c2.session, old, "a resumed connection is a new session");
-    for (seq, data) in
-        [(3, json!("m3")), (4, json!({"n": 4, "to": "old"})), (5, json!("m5")), (6, json!({"n": 6, "to": "old"}))]
-    {
+    for (seq, data) in [
+        (3, json!("m3")),
+        (4, json!({"n": 4, "to": "old"})),
+        (5, json!("m5")),
+        (6, json!({"n": 6, "to": "old"})),
+    ] {
         assert_eq!(expect_stream(&mut c2, a.agent_id(), seq, &data), epoch, "the replay keeps the epoch");
     }
     expect_resumed(&mut c2, a.agent_id(), true);
@@ -515,9 +518,17 @@ fn malformed_resume_parameters_are_refused_with_400_before_the_credentials() {
         let no_token = ClientOpts { extra_query: Some(q.clone()), ..ClientOpts::default() };
         let r = switchboard::client::ClientConn::connect_with(d.addr, None, &no_token);
         let e = r.err().unwrap_or_else(|| panic!("?{q} without a token was accepted"));
-        assert_eq!((e.status(), e.body_json()), (Some(400), Some(json!({"error": "bad_request"}))), "?{q}: {e}");
+        assert_eq!(
+            (e.status(), e.body_json()),
+            (Some(400), Some(json!({"error": "bad_request"}))),
+            "?{q}: {e}"
+        );
         let e = try_client_q(&d, &t, None, q).err().unwrap_or_else(|| panic!("?{q} was accepted"));
-        assert_eq!((e.status(), e.body_json()), (Some(400), Some(json!({"error": "bad_request"}))), "?{q}: {e}");
+        assert_eq!(
+            (e.status(), e.body_json()),
+            (Some(400), Some(json!({"error": "bad_request"}))),
+            "?{q}: {e}"
+        );
     }
     // The bounds themselves are fine.
     let max_id = "E".repeat(64);
@@ -565,7 +576,11 @@ fn replayed_and_kept_messages_never_cross_users() {
         assert_quiet(&mut x, CLIENT_NOISE);
     }
     // u2 cannot even bind to u1's agent.
-    assert_refused(try_client_q(&d, &t2, Some(a.agent_id()), &resume_query(Some(0), Some(&epoch_a), Some(&old))), 403, "forbidden");
+    assert_refused(
+        try_client_q(&d, &t2, Some(a.agent_id()), &resume_query(Some(0), Some(&epoch_a), Some(&old))),
+        403,
+        "forbidden",
+    );
 
     // u1's old session is still resumable and holds exactly u1's messages.
     let mut ca2 = client_q(&d, &t1, Some(a.agent_id()), &resume_query(Some(1), Some(&epoch_a), Some(&old)));

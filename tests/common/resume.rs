@@ -38,7 +38,12 @@ pub fn resume_query(since: Option<u64>, epoch: Option<&str>, resume: Option<&str
 
 /// Connects a client with `token` in the `Authorization` header, optionally bound to `agent`,
 /// with `query` (raw, may be empty) appended to the query string.
-pub fn try_client_q(d: &Daemon, token: &str, agent: Option<&str>, query: &str) -> Result<ClientConn, ConnectError> {
+pub fn try_client_q(
+    d: &Daemon,
+    token: &str,
+    agent: Option<&str>,
+    query: &str,
+) -> Result<ClientConn, ConnectError> {
     let opts = ClientOpts {
         agent: agent.map(str::to_string),
         extra_query: if query.is_empty() { None } else { Some(query.to_string()) },
@@ -91,10 +96,17 @@ pub struct StreamMsg {
 #[track_caller]
 pub fn stream_msg(f: &Frame) -> StreamMsg {
     assert_eq!(f.ty(), "message", "expected a stream message, got {}", f.text);
-    let seq = f.value.get("seq").and_then(Value::as_u64).unwrap_or_else(|| panic!("no u64 seq in {}", f.text));
-    let epoch = f.value.get("epoch").and_then(Value::as_str).unwrap_or_else(|| panic!("no epoch in {}", f.text));
+    let seq =
+        f.value.get("seq").and_then(Value::as_u64).unwrap_or_else(|| panic!("no u64 seq in {}", f.text));
+    let epoch =
+        f.value.get("epoch").and_then(Value::as_str).unwrap_or_else(|| panic!("no epoch in {}", f.text));
     super::assert_relay_id(epoch);
-    StreamMsg { from: f.str("from").to_string(), seq, epoch: epoch.to_string(), data: f.value["data"].clone() }
+    StreamMsg {
+        from: f.str("from").to_string(),
+        seq,
+        epoch: epoch.to_string(),
+        data: f.value["data"].clone(),
+    }
 }
 
 /// The next client frame must be a stream message from `from` with `seq` and `data`; returns
@@ -137,7 +149,12 @@ pub fn expect_ack_live(c: &mut impl Conn, noise: &[&str], id: &str) {
     let f = next_real(c, noise, WAIT);
     assert_eq!(f.ty(), "ack", "expected an ack for {id}, got {}", f.text);
     assert_eq!(f.str("id"), id, "{}", f.text);
-    assert_ne!(f.value.get("queued"), Some(&Value::Bool(true)), "a delivered message is not queued: {}", f.text);
+    assert_ne!(
+        f.value.get("queued"),
+        Some(&Value::Bool(true)),
+        "a delivered message is not queued: {}",
+        f.text
+    );
 }
 
 /// The next frame (noise skipped) must be an `error` with `code` and `id`.
@@ -177,7 +194,8 @@ pub fn await_session_event(a: &mut AgentConn, s: &str, open: bool) {
 #[track_caller]
 pub fn mailbox_msg(f: &Frame) -> (String, u64, Value) {
     assert_eq!(f.ty(), "message", "expected a mailbox message, got {}", f.text);
-    let seq = f.value.get("seq").and_then(Value::as_u64).unwrap_or_else(|| panic!("no u64 seq in {}", f.text));
+    let seq =
+        f.value.get("seq").and_then(Value::as_u64).unwrap_or_else(|| panic!("no u64 seq in {}", f.text));
     assert!(f.value.get("epoch").is_none(), "mailbox messages carry no epoch: {}", f.text);
     (f.str("from").to_string(), seq, f.value["data"].clone())
 }
@@ -228,7 +246,11 @@ impl Daemon {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "daemon still running {timeout:?} after the signal:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "daemon still running {timeout:?} after the signal:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -281,7 +303,11 @@ impl Daemon {
                         std::thread::sleep(Duration::from_millis(100));
                         panic!("restarted daemon exited early ({status}); output:\n{}", self.logs());
                     }
-                    assert!(Instant::now() < deadline, "restarted daemon printed no listening line:\n{}", self.logs());
+                    assert!(
+                        Instant::now() < deadline,
+                        "restarted daemon printed no listening line:\n{}",
+                        self.logs()
+                    );
                 }
             }
         };
