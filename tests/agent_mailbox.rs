@@ -164,7 +164,7 @@ fn while_messages_are_unconfirmed_new_sends_queue_behind_them() {
 
 #[test]
 fn a_mailbox_at_max_messages_answers_mailbox_full_and_stores_nothing() {
-    let d = Daemon::with_config("[mailbox]\nmax_messages = 3\n");
+    let d = Daemon::with_config("[mailbox]\nmax_messages = 3\n[presence]\noffline_grace_ms = 0\n");
     let a = d.hmac_agent("u1", "a");
     let mut c = d.client(&d.token("u1", &[], "1h"), Some(a.agent_id()));
     for n in 1..=3 {
@@ -182,6 +182,9 @@ fn a_mailbox_at_max_messages_answers_mailbox_full_and_stores_nothing() {
     // Confirmed messages leave the mailbox: there is room again, and seq goes on.
     confirm(&mut ag, 3);
     leave(ag);
+    // With no grace, `presence online:false` says the relay no longer counts the agent online.
+    await_presence(&mut c, a.agent_id(), true);
+    await_presence(&mut c, a.agent_id(), false);
     queue(&mut c, None, &json!(4), "q4");
     let mut ag = d.agent(&a);
     expect_mail(&mut ag, &c.session, 4, &json!(4));

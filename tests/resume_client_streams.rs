@@ -17,17 +17,6 @@ use switchboard::client::{AgentConn, ClientConn, ClientOpts, Frame};
 
 const HIGH_RATE: &str = "[limits]\nmessages_per_sec_per_user = 100000\nmessages_burst_per_user = 100000\n";
 
-/// Agent `send` with an id, and the ack it must get: `queued` or live.
-#[track_caller]
-fn agent_send(ag: &mut AgentConn, to: Option<&str>, data: &Value, id: &str, queued: bool) {
-    ag.send(to, data, Some(id)).unwrap();
-    if queued {
-        expect_ack_queued(ag, AGENT_NOISE, id);
-    } else {
-        expect_ack_live(ag, AGENT_NOISE, id);
-    }
-}
-
 /// Closes a client bound to the agent `ag` is, and waits until the relay has closed the
 /// session (the agent's `session open:false`), so it is resumable.
 #[track_caller]
@@ -64,28 +53,28 @@ fn every_message_to_a_client_carries_seq_and_epoch_per_agent_stream_and_user() {
     let mut bound_a = d.client(&t1, Some(a.agent_id()));
     let mut other_user = d.client(&d.token("u2", &[], "1h"), None);
 
-    agent_send(&mut ag_a, None, &json!("a1"), "1", false);
+    agent_send(&mut ag_a, None, &json!("a1"), "1", Ack::Live);
     let e_a = expect_stream(&mut unbound, a.agent_id(), 1, &json!("a1"));
     assert_eq!(expect_stream(&mut bound_a, a.agent_id(), 1, &json!("a1")), e_a, "one epoch per stream");
     // An addressed message takes the next seq of the stream too.
-    agent_send(&mut ag_a, Some(&unbound.session), &json!({"to": "unbound"}), "2", false);
+    agent_send(&mut ag_a, Some(&unbound.session), &json!({"to": "unbound"}), "2", Ack::Live);
     assert_eq!(expect_stream(&mut unbound, a.agent_id(), 2, &json!({"to": "unbound"})), e_a);
-    agent_send(&mut ag_a, None, &json!("a3"), "3", false);
+    agent_send(&mut ag_a, None, &json!("a3"), "3", Ack::Live);
     assert_eq!(expect_stream(&mut unbound, a.agent_id(), 3, &json!("a3")), e_a);
     // The other session of the user sees the gap left by the message that was not its.
     assert_eq!(expect_stream(&mut bound_a, a.agent_id(), 3, &json!("a3")), e_a);
-    agent_send(&mut ag_a, Some(&bound_a.session), &json!("a4"), "4", false);
+    agent_send(&mut ag_a, Some(&bound_a.session), &json!("a4"), "4", Ack::Live);
     assert_eq!(expect_stream(&mut bound_a, a.agent_id(), 4, &json!("a4")), e_a);
 
     // Another agent of the same user: its own stream, from seq 1.
-    agent_send(&mut ag_b, None, &json!("b1"), "5", false);
+    agent_send(&mut ag_b, None, &json!("b1"), "5", Ack::Live);
     expect_stream(&mut unbound, b.agent_id(), 1, &json!("b1"));
-    agent_send(&mut ag_b, Some(&unbound.session), &json!("b2"), "6", false);
+    agent_send(&mut ag_b, Some(&unbound.session), &json!("b2"), "6", Ack::Live);
     expect_stream(&mut unbound, b.agent_id(), 2, &json!("b2"));
     // Another user: its own stream, from seq 1, whatever u1's streams did.
-    agent_send(&mut ag_c, None, &json!("c1"), "7", false);
+    agent_send(&mut ag_c, None, &json!("c1"), "7", Ack::Live);
     expect_stream(&mut other_user, c.agent_id(), 1, &json!("c1"));
-    agent_send(&mut ag_a, None, &json!("a5"), "8", false);
+    agent_send(&mut ag_a, None, &json!("a5"), "8", Ack::Live);
     assert_eq!(expect_stream(&mut unbound, a.agent_id(), 5, &json!("a5")), e_a);
     assert_eq!(expect_stream(&mut bound_a, a.agent_id(), 5, &json!("a5")), e_a);
 
@@ -102,8 +91,8 @@ fn a_resumed_client_gets_exactly_the_missed_messages_in_order_then_resumed_then_
     let t = d.token("u1", &[], "1h");
     let mut c = d.client(&t, Some(a.agent_id()));
     let mut other = d.client(&t, Some(a.agent_id()));
-    agent_send(&mut ag, None, &json!("m1"), "1", false);
-    agent_send(&mut ag, None, &json!("m2"), "2", false);
+    agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
+    agent_send(&mut ag, None, &json!("m2"), "2", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
     expect_stream(&mut c, a.agent_id(), 2, &json!("m2"));
     for s in [1, 2] {
@@ -113,10 +102,10 @@ fn a_resumed_client_gets_exactly_the_missed_messages_in_order_then_resumed_then_
 
     // While it is away: broadcasts are delivered to the others; messages addressed to the
     // closed session are kept and acked queued:true.
-    agent_send(&mut ag, None, &json!("m3"), "3", false);
-    agent_send(&mut ag, Some(&old), &json!({"n": 4, "to": "old"}), "4", true);
-    agent_send(&mut ag, None, &json!("m5"), "5", false);
-    agent_send(&mut ag, Some(&old), &json!({"n": 6, "to": "old"}), "6", true);
+    agent_send(&mut ag, None, &json!("m3"), "3", Ack::Live);
+    agent_send(&mut ag, Some(&old), &json!({"n": 4, "to": "old"}), "4", Ack::Queued);
+    agent_send(&mut ag, None, &json!("m5"), "5", Ack::Live);
+    agent_send(&mut ag, Some(&old), &json!({"n": 6, "to": "old"}), "6", Ack::Queued);
     expect_stream(&mut other, a.agent_id(), 3, &json!("m3"));
     expect_stream(&mut other, a.agent_id(), 5, &json!("m5"));
     assert_quiet(&mut other, CLIENT_NOISE);
@@ -133,12 +122,12 @@ fn a_resumed_client_gets_exactly_the_missed_messages_in_order_then_resumed_then_
     }
     expect_resumed(&mut c2, a.agent_id(), true);
     // Live traffic follows, in the same stream.
-    agent_send(&mut ag, None, &json!("m7"), "7", false);
+    agent_send(&mut ag, None, &json!("m7"), "7", Ack::Live);
     assert_eq!(expect_stream(&mut c2, a.agent_id(), 7, &json!("m7")), epoch);
     // The new session took the old one over: a send to the old id reaches it while connected.
-    agent_send(&mut ag, Some(&old), &json!("m8"), "8", false);
+    agent_send(&mut ag, Some(&old), &json!("m8"), "8", Ack::Live);
     expect_stream(&mut c2, a.agent_id(), 8, &json!("m8"));
-    agent_send(&mut ag, Some(&c2.session), &json!("m9"), "9", false);
+    agent_send(&mut ag, Some(&c2.session), &json!("m9"), "9", Ack::Live);
     expect_stream(&mut c2, a.agent_id(), 9, &json!("m9"));
     assert_quiet(&mut c2, CLIENT_NOISE);
     expect_stream(&mut other, a.agent_id(), 7, &json!("m7"));
@@ -336,11 +325,11 @@ fn a_wrong_epoch_gives_recovered_false_and_no_replay_at_all() {
     let mut ag = d.agent(&a);
     let t = d.token("u1", &[], "1h");
     let mut c = d.client(&t, Some(a.agent_id()));
-    agent_send(&mut ag, None, &json!("m1"), "1", false);
+    agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
     let old = disconnect(c, &mut ag);
-    agent_send(&mut ag, None, &json!("m2"), "2", false);
-    agent_send(&mut ag, Some(&old), &json!("m3"), "3", true);
+    agent_send(&mut ag, None, &json!("m2"), "2", Ack::Any);
+    agent_send(&mut ag, Some(&old), &json!("m3"), "3", Ack::Queued);
 
     let wrong = if epoch == "e_not_the_epoch" { "e_not_the_epoch_either" } else { "e_not_the_epoch" };
     let mut c2 = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(1), Some(wrong), Some(&old)));
@@ -348,7 +337,7 @@ fn a_wrong_epoch_gives_recovered_false_and_no_replay_at_all() {
     expect_resumed(&mut c2, a.agent_id(), false);
     assert_quiet(&mut c2, CLIENT_NOISE);
     // Live traffic goes on in the stream's real epoch.
-    agent_send(&mut ag, None, &json!("m4"), "4", false);
+    agent_send(&mut ag, None, &json!("m4"), "4", Ack::Live);
     assert_eq!(expect_stream(&mut c2, a.agent_id(), 4, &json!("m4")), epoch);
     assert_quiet(&mut c2, CLIENT_NOISE);
 }
@@ -360,8 +349,8 @@ fn since_beyond_the_last_seq_gives_recovered_false_and_since_at_it_recovers_noth
     let mut ag = d.agent(&a);
     let t = d.token("u1", &[], "1h");
     let mut c = d.client(&t, Some(a.agent_id()));
-    agent_send(&mut ag, None, &json!("m1"), "1", false);
-    agent_send(&mut ag, None, &json!("m2"), "2", false);
+    agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
+    agent_send(&mut ag, None, &json!("m2"), "2", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
     expect_stream(&mut c, a.agent_id(), 2, &json!("m2"));
     disconnect(c, &mut ag);
@@ -376,7 +365,7 @@ fn since_beyond_the_last_seq_gives_recovered_false_and_since_at_it_recovers_noth
     let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(2), Some(&epoch), None));
     expect_resumed(&mut r, a.agent_id(), true);
     assert_quiet(&mut r, CLIENT_NOISE);
-    agent_send(&mut ag, None, &json!("m3"), "3", false);
+    agent_send(&mut ag, None, &json!("m3"), "3", Ack::Live);
     expect_stream(&mut r, a.agent_id(), 3, &json!("m3"));
 }
 
@@ -387,11 +376,11 @@ fn a_resume_from_before_the_trimmed_history_gives_recovered_false() {
     let mut ag = d.agent(&a);
     let t = d.token("u1", &[], "1h");
     let mut c = d.client(&t, Some(a.agent_id()));
-    agent_send(&mut ag, None, &json!(1), "1", false);
+    agent_send(&mut ag, None, &json!(1), "1", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!(1));
     disconnect(c, &mut ag);
     for n in 2..=11 {
-        agent_send(&mut ag, None, &json!(n), &n.to_string(), false);
+        agent_send(&mut ag, None, &json!(n), &n.to_string(), Ack::Any);
     }
     // The history keeps the last 5 (7..=11): from 1 or 5 the replay would be incomplete.
     for since in [1, 5] {
@@ -415,7 +404,7 @@ fn with_history_off_a_resume_recovers_only_when_nothing_was_missed() {
     let mut ag = d.agent(&a);
     let t = d.token("u1", &[], "1h");
     let mut c = d.client(&t, Some(a.agent_id()));
-    agent_send(&mut ag, None, &json!(1), "1", false);
+    agent_send(&mut ag, None, &json!(1), "1", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!(1));
     disconnect(c, &mut ag);
 
@@ -423,12 +412,12 @@ fn with_history_off_a_resume_recovers_only_when_nothing_was_missed() {
     expect_resumed(&mut r, a.agent_id(), true);
     assert_quiet(&mut r, CLIENT_NOISE);
     disconnect(r, &mut ag);
-    agent_send(&mut ag, None, &json!(2), "2", false);
+    agent_send(&mut ag, None, &json!(2), "2", Ack::Any);
     let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(1), Some(&epoch), None));
     expect_resumed(&mut r, a.agent_id(), false);
     assert_quiet(&mut r, CLIENT_NOISE);
     // Messages still carry seq and epoch.
-    agent_send(&mut ag, None, &json!(3), "3", false);
+    agent_send(&mut ag, None, &json!(3), "3", Ack::Live);
     assert_eq!(expect_stream(&mut r, a.agent_id(), 3, &json!(3)), epoch);
 }
 
@@ -439,12 +428,12 @@ fn resume_alone_delivers_what_was_addressed_to_the_old_session_after_it_closed()
     let mut ag = d.agent(&a);
     let t = d.token("u1", &[], "1h");
     let mut c = d.client(&t, Some(a.agent_id()));
-    agent_send(&mut ag, Some(&c.session), &json!("seen"), "0", false);
+    agent_send(&mut ag, Some(&c.session), &json!("seen"), "0", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("seen"));
     let old = disconnect(c, &mut ag);
-    agent_send(&mut ag, Some(&old), &json!("kept-1"), "1", true);
-    agent_send(&mut ag, None, &json!("a broadcast"), "2", false);
-    agent_send(&mut ag, Some(&old), &json!("kept-2"), "3", true);
+    agent_send(&mut ag, Some(&old), &json!("kept-1"), "1", Ack::Queued);
+    agent_send(&mut ag, None, &json!("a broadcast"), "2", Ack::Any);
+    agent_send(&mut ag, Some(&old), &json!("kept-2"), "3", Ack::Queued);
 
     // Only what was addressed to the old session after it closed; not the broadcast, not
     // what it had already received.
@@ -454,7 +443,7 @@ fn resume_alone_delivers_what_was_addressed_to_the_old_session_after_it_closed()
     expect_resumed(&mut c2, a.agent_id(), true);
     assert_quiet(&mut c2, CLIENT_NOISE);
     // It took the old session over.
-    agent_send(&mut ag, Some(&old), &json!("via the old id"), "4", false);
+    agent_send(&mut ag, Some(&old), &json!("via the old id"), "4", Ack::Live);
     expect_stream(&mut c2, a.agent_id(), 5, &json!("via the old id"));
     disconnect(c2, &mut ag);
 
@@ -470,6 +459,7 @@ fn an_agent_send_to_a_session_that_never_existed_is_offline_and_not_kept() {
     let a = d.hmac_agent("u1", "a");
     let mut ag = d.agent(&a);
     let t = d.token("u1", &[], "1h");
+    agent_send(&mut ag, None, &json!("m1"), "1", Ack::Any);
     let never = "s_neverExisted0000";
     ag.send(Some(never), &json!("lost"), Some("x")).unwrap();
     expect_error(&mut ag, AGENT_NOISE, "offline", "x");
@@ -484,6 +474,8 @@ fn malformed_resume_parameters_are_refused_with_400_before_the_credentials() {
     let d = Daemon::start_default();
     let a = d.hmac_agent("u1", "a");
     let t = d.token("u1", &[], "1h");
+    // The stream exists (a resume of a stream that never had a message is not the question).
+    agent_send(&mut d.agent(&a), None, &json!("m1"), "1", Ack::Any);
     let ag = a.agent_id();
     let long = "e".repeat(65);
     let bad: Vec<String> = vec![
@@ -552,15 +544,15 @@ fn replayed_and_kept_messages_never_cross_users() {
     let (t1, t2) = (d.token("u1", &[], "1h"), d.token("u2", &[], "1h"));
     let mut ca = d.client(&t1, Some(a.agent_id()));
     let mut cb = d.client(&t2, Some(b.agent_id()));
-    agent_send(&mut ag_a, None, &json!("a-1"), "1", false);
+    agent_send(&mut ag_a, None, &json!("a-1"), "1", Ack::Live);
     let epoch_a = expect_stream(&mut ca, a.agent_id(), 1, &json!("a-1"));
     let old = disconnect(ca, &mut ag_a);
-    agent_send(&mut ag_a, Some(&old), &json!("a-secret"), "2", true);
-    agent_send(&mut ag_a, None, &json!("a-3"), "3", false);
+    agent_send(&mut ag_a, Some(&old), &json!("a-secret"), "2", Ack::Queued);
+    agent_send(&mut ag_a, None, &json!("a-3"), "3", Ack::Any);
     // Another user's agent cannot reach u1's closed session: offline, and nothing is kept.
     ag_b.send(Some(&old), &json!("b-intrusion"), Some("x")).unwrap();
     expect_error(&mut ag_b, AGENT_NOISE, "offline", "x");
-    agent_send(&mut ag_b, None, &json!("b-1"), "4", false);
+    agent_send(&mut ag_b, None, &json!("b-1"), "4", Ack::Live);
     expect_stream(&mut cb, b.agent_id(), 1, &json!("b-1"));
 
     // u2 presents u1's old session and u1's epoch: nothing of u1's comes back.
@@ -588,11 +580,11 @@ fn replayed_and_kept_messages_never_cross_users() {
     expect_stream(&mut ca2, a.agent_id(), 3, &json!("a-3"));
     expect_resumed(&mut ca2, a.agent_id(), true);
     // u2's traffic never shows up in u1's streams, live or replayed.
-    agent_send(&mut ag_b, None, &json!("b-2"), "5", false);
+    agent_send(&mut ag_b, None, &json!("b-2"), "5", Ack::Live);
     expect_stream(&mut cb, b.agent_id(), 2, &json!("b-2"));
     assert_quiet(&mut ca2, CLIENT_NOISE);
     let mut unbound = client_q(&d, &t1, None, &resume_query(None, None, Some(&ca2.session)));
-    agent_send(&mut ag_b, None, &json!("b-3"), "6", false);
+    agent_send(&mut ag_b, None, &json!("b-3"), "6", Ack::Live);
     expect_stream(&mut cb, b.agent_id(), 3, &json!("b-3"));
     // ca2 is live, so not resumable: recovered:false for u1's only stream, nothing of u2's.
     expect_resumed(&mut unbound, a.agent_id(), false);

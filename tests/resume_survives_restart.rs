@@ -17,16 +17,6 @@ use switchboard::client::{AgentConn, ClientConn};
 const WRITE_BEHIND: Duration = Duration::from_secs(2);
 
 #[track_caller]
-fn agent_send(ag: &mut AgentConn, to: Option<&str>, data: &Value, id: &str, queued: bool) {
-    ag.send(to, data, Some(id)).unwrap();
-    if queued {
-        expect_ack_queued(ag, AGENT_NOISE, id);
-    } else {
-        expect_ack_live(ag, AGENT_NOISE, id);
-    }
-}
-
-#[track_caller]
 fn queue(c: &mut ClientConn, data: &Value, id: &str) {
     c.send(None, data, Some(id)).unwrap();
     expect_ack_queued(c, CLIENT_NOISE, id);
@@ -63,12 +53,12 @@ fn after_sigterm_clients_resume_with_recovered_true_and_agents_get_their_queued_
     let mut live = d.client(&t, Some(a.agent_id()));
     let away = d.client(&t, Some(a.agent_id()));
     let mut to_b = d.client(&t, Some(b.agent_id()));
-    agent_send(&mut ag, None, &json!("m1"), "1", false);
+    agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
     let epoch = expect_stream(&mut live, a.agent_id(), 1, &json!("m1"));
     let away = disconnect(away, &mut ag);
-    agent_send(&mut ag, Some(&away), &json!("for away"), "2", true);
-    agent_send(&mut ag, None, &json!("m3"), "3", false);
-    agent_send(&mut ag, Some(&live.session), &json!("for live"), "4", false);
+    agent_send(&mut ag, Some(&away), &json!("for away"), "2", Ack::Queued);
+    agent_send(&mut ag, None, &json!("m3"), "3", Ack::Live);
+    agent_send(&mut ag, Some(&live.session), &json!("for live"), "4", Ack::Live);
     queue(&mut to_b, &json!("mail-1"), "q1");
     queue(&mut to_b, &json!("mail-2"), "q2");
 
@@ -91,7 +81,7 @@ fn after_sigterm_clients_resume_with_recovered_true_and_agents_get_their_queued_
     expect_resumed(&mut away2, a.agent_id(), true);
     // The stream goes on where it was.
     let mut ag = d.agent(&a);
-    agent_send(&mut ag, None, &json!("m5"), "5", false);
+    agent_send(&mut ag, None, &json!("m5"), "5", Ack::Live);
     assert_eq!(expect_stream(&mut live2, a.agent_id(), 5, &json!("m5")), epoch);
     assert_eq!(expect_stream(&mut away2, a.agent_id(), 5, &json!("m5")), epoch);
     // The mailbox too.
@@ -110,13 +100,13 @@ fn after_sigkill_a_stream_with_no_connected_session_resumes_with_recovered_true(
     let t = d.token("u1", &[], "1h");
     let mut ag = d.agent(&a);
     let mut c = d.client(&t, Some(a.agent_id()));
-    agent_send(&mut ag, None, &json!("m1"), "1", false);
+    agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
     let old = disconnect(c, &mut ag);
     // The phone in the tunnel: messages kept for it, and a broadcast nobody received.
-    agent_send(&mut ag, Some(&old), &json!("k2"), "2", true);
-    agent_send(&mut ag, None, &json!("k3"), "3", false);
-    agent_send(&mut ag, Some(&old), &json!("k4"), "4", true);
+    agent_send(&mut ag, Some(&old), &json!("k2"), "2", Ack::Queued);
+    agent_send(&mut ag, None, &json!("k3"), "3", Ack::Any);
+    agent_send(&mut ag, Some(&old), &json!("k4"), "4", Ack::Queued);
     std::thread::sleep(WRITE_BEHIND);
     d.kill9();
     d.restart(2);
@@ -131,7 +121,7 @@ fn after_sigkill_a_stream_with_no_connected_session_resumes_with_recovered_true(
     }
     expect_resumed(&mut c2, a.agent_id(), true);
     let mut ag = d.agent(&a);
-    agent_send(&mut ag, None, &json!("m5"), "5", false);
+    agent_send(&mut ag, None, &json!("m5"), "5", Ack::Live);
     assert_eq!(expect_stream(&mut c2, a.agent_id(), 5, &json!("m5")), epoch);
     assert_quiet(&mut c2, CLIENT_NOISE);
 }
@@ -173,7 +163,7 @@ fn after_sigkill_a_stream_that_had_a_connected_session_starts_a_new_epoch() {
     let mut ag = d.agent(&a);
     let mut c = d.client(&t, Some(a.agent_id()));
     for n in 1..=3 {
-        agent_send(&mut ag, None, &json!(n), &n.to_string(), false);
+        agent_send(&mut ag, None, &json!(n), &n.to_string(), Ack::Live);
     }
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!(1));
     for n in 2..=3 {
@@ -195,7 +185,7 @@ fn after_sigkill_a_stream_that_had_a_connected_session_starts_a_new_epoch() {
     }
     let mut c2 = d.client(&t, Some(a.agent_id()));
     let mut ag = d.agent(&a);
-    agent_send(&mut ag, None, &json!("after"), "7", false);
+    agent_send(&mut ag, None, &json!("after"), "7", Ack::Live);
     let new_epoch = expect_stream(&mut c2, a.agent_id(), 1, &json!("after"));
     assert_ne!(new_epoch, epoch, "a new epoch after a crash with a connected session");
     assert_quiet(&mut c2, CLIENT_NOISE);

@@ -316,3 +316,42 @@ impl Daemon {
         self.stopped = false;
     }
 }
+
+/// The answer an agent `send` with an id must get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// A plain `ack`: handed to a live connection.
+    Live,
+    /// `ack` with `"queued":true`: committed for a closed session.
+    Queued,
+    /// Either (a broadcast that reaches no session: the documents promise only an `ack`).
+    Any,
+}
+
+/// Agent `send` with an id, then its answer (skipping `session` frames).
+#[track_caller]
+pub fn agent_send(ag: &mut AgentConn, to: Option<&str>, data: &Value, id: &str, ack: Ack) {
+    ag.send(to, data, Some(id)).expect("agent send");
+    match ack {
+        Ack::Live => expect_ack_live(ag, AGENT_NOISE, id),
+        Ack::Queued => expect_ack_queued(ag, AGENT_NOISE, id),
+        Ack::Any => {
+            let f = agent_next(ag);
+            assert_eq!((f.ty(), f.str("id")), ("ack", id), "expected an ack for {id}, got {}", f.text);
+        }
+    }
+}
+
+/// Waits on a client for `{"type":"presence","agent":agent,"online":online}`; nothing but
+/// `presence` frames may come first.
+#[track_caller]
+pub fn await_presence(c: &mut ClientConn, agent: &str, online: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = next_frame(c, deadline.saturating_duration_since(Instant::now()));
+        assert_eq!(f.ty(), "presence", "waiting for presence {agent} online:{online}, got {}", f.text);
+        if f.str("agent") == agent && f.value["online"] == Value::Bool(online) {
+            return;
+        }
+    }
+}
