@@ -268,7 +268,13 @@ impl ConnState {
 
     /// Moves backlog frames whose commit has settled onto the outbound queue, in order;
     /// unbudgeted (replayed) frames only while less than half the budget is queued.
-    pub fn pump(&mut self, settled: u64, failed: &std::collections::HashSet<u64>, budget: usize, now: Instant) -> Pump {
+    pub fn pump(
+        &mut self,
+        settled: u64,
+        failed: &std::collections::HashSet<u64>,
+        budget: usize,
+        now: Instant,
+    ) -> Pump {
         loop {
             if self.phase != Phase::Open {
                 self.backlog.clear();

@@ -276,7 +276,8 @@ pub fn load(shard: &ShardCtx, user: &str) -> Durable {
         if c.closed_at < oldest || !crate::ids::is_valid_id(&c.session) {
             continue;
         }
-        let marks = c.marks.iter().map(|mk| (mk.agent.as_str().into(), mk.epoch.as_str().into(), mk.seq)).collect();
+        let marks =
+            c.marks.iter().map(|mk| (mk.agent.as_str().into(), mk.epoch.as_str().into(), mk.seq)).collect();
         d.closed.insert(
             c.session.as_str().into(),
             ClosedSession {
@@ -298,7 +299,13 @@ pub fn load(shard: &ShardCtx, user: &str) -> Durable {
                     continue;
                 }
                 mb.bytes += e.frame.len();
-                mb.entries.push_back(Mail { seq: e.seq, at: e.at, ticket: 0, frame: e.frame, delivered: false });
+                mb.entries.push_back(Mail {
+                    seq: e.seq,
+                    at: e.at,
+                    ticket: 0,
+                    frame: e.frame,
+                    delivered: false,
+                });
             }
             shard.stats.mailbox_entries.set(shard.stats.mailbox_entries.get() + mb.entries.len() as i64);
             shard.stats.mailbox_bytes.set(shard.stats.mailbox_bytes.get() + mb.bytes as i64);
@@ -387,7 +394,11 @@ pub enum Target {
 pub fn target(shard: &ShardCtx, user: &UserState, agent: &str, to: &str) -> Result<Target, &'static str> {
     let to = user.durable.aliases.get(to).map_or(to, |n| &**n);
     if let Some(t) = user.sessions.get(to) {
-        return if t.st.borrow().role.can_reach(agent) { Ok(Target::Live(t.clone())) } else { Err("not_allowed") };
+        return if t.st.borrow().role.can_reach(agent) {
+            Ok(Target::Live(t.clone()))
+        } else {
+            Err("not_allowed")
+        };
     }
     let ttl = shard.cfg().history.ttl_secs;
     match user.durable.closed.get_key_value(to) {
@@ -448,7 +459,13 @@ pub fn stamp(
 }
 
 /// The welcome is out: replay what a resuming client asked for (docs/protocol.md §10.2).
-pub fn on_client_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, user: &mut UserState, session: &Rc<str>) {
+pub fn on_client_open(
+    shard: &ShardCtx,
+    conn: &ConnRef,
+    st: &mut ConnState,
+    user: &mut UserState,
+    session: &Rc<str>,
+) {
     let RoleState::Client { resume, bound, .. } = &mut st.role else { return };
     let Some(req) = resume.take() else { return };
     let bound = bound.clone();
@@ -558,7 +575,11 @@ pub fn on_client_close(shard: &ShardCtx, user: &mut UserState, session: &Rc<str>
             .map(|(a, e, s)| StreamMark { agent: a.to_string(), epoch: e.to_string(), seq: *s })
             .collect(),
     };
-    send(shard, d, WriteOp::SessionClosed(Box::new(SessionClosed { user: (**name).into(), session: stored })));
+    send(
+        shard,
+        d,
+        WriteOp::SessionClosed(Box::new(SessionClosed { user: (**name).into(), session: stored })),
+    );
     d.closed.insert(
         session.clone(),
         ClosedSession { closed_at, bound: bound.clone(), allow: allow.clone(), marks },
@@ -568,7 +589,9 @@ pub fn on_client_close(shard: &ShardCtx, user: &mut UserState, session: &Rc<str>
 /// What became of a client's `send` to an agent that is offline or has unconfirmed mail.
 pub enum Queue {
     /// Stored (once this ticket commits) with this `seq`.
-    Queued { ticket: u64 },
+    Queued {
+        ticket: u64,
+    },
     Full,
     /// The store did not take it.
     Unavailable,
@@ -607,7 +630,13 @@ pub fn enqueue_mail(
         return Queue::Full;
     }
     let seq = mb.last_seq + 1;
-    let op = WriteOp::MailboxPut { key: mb.key.clone(), seq, at: now, from: from_session.into(), frame: frame.clone() };
+    let op = WriteOp::MailboxPut {
+        key: mb.key.clone(),
+        seq,
+        at: now,
+        from: from_session.into(),
+        frame: frame.clone(),
+    };
     let Some(ticket) = shard.send_durable(op) else { return Queue::Unavailable };
     d.last_ticket = ticket;
     let mb = d.mailboxes.get_mut(&**agent).expect("created above");
@@ -640,7 +669,13 @@ fn expire_mail(shard: &ShardCtx, mb: &mut Mailbox, oldest: u64) {
 }
 
 /// The agent's welcome is out: its unconfirmed mail follows, in order.
-pub fn on_agent_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, user: &mut UserState, agent: &str) {
+pub fn on_agent_open(
+    shard: &ShardCtx,
+    conn: &ConnRef,
+    st: &mut ConnState,
+    user: &mut UserState,
+    agent: &str,
+) {
     let ttl = shard.cfg().mailbox.ttl_secs;
     let Some(mb) = user.durable.mailboxes.get_mut(agent) else { return };
     expire_mail(shard, mb, unix_now().saturating_sub(ttl));
@@ -712,7 +747,8 @@ pub fn sweep(shard: &ShardCtx, user: &mut UserState, now: u64) {
         .map(|(a, _)| a.clone())
         .collect();
     for agent in held {
-        let reached = user.sessions.values().any(|s| s.st.try_borrow().map_or(true, |st| st.role.can_reach(&agent)));
+        let reached =
+            user.sessions.values().any(|s| s.st.try_borrow().map_or(true, |st| st.role.can_reach(&agent)));
         if !reached {
             release(shard, &mut user.durable, &agent);
         }

@@ -11,8 +11,8 @@
 //!   can add `seq`/`epoch` in one place.
 
 use crate::connection::{ConnRef, ConnState, Ident, OnFail, Pending, Phase, Queued, RoleState};
-use crate::resume::{self, Target};
 use crate::protocol::{self, frames, Inbound, Kind};
+use crate::resume::{self, Target};
 use crate::shard::local::{unix_now, ShardCtx};
 use crate::shard::TokenBucket;
 use serde_json::value::RawValue;
@@ -212,7 +212,11 @@ fn agent_send(
             Err(code) => {
                 drop(user_ref);
                 crate::metrics::dropped(code);
-                let msg = if code == "offline" { "no such session" } else { "that session cannot reach this agent" };
+                let msg = if code == "offline" {
+                    "no such session"
+                } else {
+                    "that session cannot reach this agent"
+                };
                 return error(shard, conn, st, code, m.id, msg);
             }
         },
@@ -221,9 +225,7 @@ fn agent_send(
     let (live, to_session) = match &target {
         Target::Live(c) => (true, resume::session_of(c).cloned()),
         Target::Queued(s) => (false, Some(s.clone())),
-        Target::Broadcast => {
-            (user.sessions.values().any(|s| s.st.borrow().role.can_reach(agent_id)), None)
-        }
+        Target::Broadcast => (user.sessions.values().any(|s| s.st.borrow().role.can_reach(agent_id)), None),
     };
     // Every message of the agent to its user is part of its stream (spec §8): seq, epoch,
     // history. Live frames wait behind the stream's lease when it has to be taken first.
@@ -260,7 +262,14 @@ fn agent_send(
             drop(user_ref);
             if ticket == 0 {
                 crate::metrics::dropped("offline");
-                return error(shard, conn, st, "offline", m.id, "the session is closed and the store is busy");
+                return error(
+                    shard,
+                    conn,
+                    st,
+                    "offline",
+                    m.id,
+                    "the session is closed and the store is busy",
+                );
             }
             crate::metrics::ShardStats::add(&shard.stats.queued_for_session, 1);
             shard.stats.relayed(now, 0);
@@ -268,7 +277,11 @@ fn agent_send(
                 let p = Pending {
                     after: ticket,
                     frame: frames::ack_queued(id),
-                    on_fail: OnFail::Send(frames::error("offline", Some(id), "the message could not be stored")),
+                    on_fail: OnFail::Send(frames::error(
+                        "offline",
+                        Some(id),
+                        "the message could not be stored",
+                    )),
                     budgeted: false,
                 };
                 shard.defer(conn, st, p);
@@ -390,15 +403,24 @@ fn client_send(
                 let p = Pending {
                     after: ticket,
                     frame: frames::ack_queued(id),
-                    on_fail: OnFail::Send(frames::error("offline", Some(id), "the message could not be stored")),
+                    on_fail: OnFail::Send(frames::error(
+                        "offline",
+                        Some(id),
+                        "the message could not be stored",
+                    )),
                     budgeted: false,
                 };
                 shard.defer(conn, st, p);
             }
         }
-        resume::Queue::Full => {
-            error(shard, conn, st, "mailbox_full", m.id, "the agent's mailbox is full; the message was not stored")
-        }
+        resume::Queue::Full => error(
+            shard,
+            conn,
+            st,
+            "mailbox_full",
+            m.id,
+            "the agent's mailbox is full; the message was not stored",
+        ),
         resume::Queue::Unavailable => {
             crate::metrics::dropped("offline");
             error(shard, conn, st, "offline", m.id, "the agent is not connected and the store is busy")

@@ -365,8 +365,14 @@ mod tests {
             json_of(&mailbox_message("s_1", 3, b"[1]")),
             json!({"type":"message","from":"s_1","seq":3,"data":[1]})
         );
-        assert_eq!(json_of(&resumed("ag_1", true)), json!({"type":"resumed","agent":"ag_1","recovered":true}));
-        assert_eq!(json_of(&resumed("ag_1", false)), json!({"type":"resumed","agent":"ag_1","recovered":false}));
+        assert_eq!(
+            json_of(&resumed("ag_1", true)),
+            json!({"type":"resumed","agent":"ag_1","recovered":true})
+        );
+        assert_eq!(
+            json_of(&resumed("ag_1", false)),
+            json!({"type":"resumed","agent":"ag_1","recovered":false})
+        );
         assert_eq!(
             json_of(&welcome_agent("c1", "ag_1", "alice", &["s1", "s2"], 30)),
             json!({"type":"welcome","conn":"c1","agent":"ag_1","user":"alice","sessions":["s1","s2"],"heartbeat_secs":30})

@@ -50,8 +50,8 @@ pub use durable::{
 pub use files::{ensure_jwt_key, read_jwt_key, read_secret_file, DataDirLock, JWT_KEY_FILE, LOCK_FILE};
 pub use watch::spawn_revocation_watcher;
 pub use writer::{
-    spawn_writer, spawn_writer_with, WriteOp, WriterHandle, WriterStats, MAX_TICKET_SHARDS,
-    WRITER_BATCH_MAX, WRITER_BATCH_WINDOW, WRITER_QUEUE_CAPACITY,
+    spawn_writer, spawn_writer_with, WriteOp, WriterHandle, WriterStats, MAX_TICKET_SHARDS, WRITER_BATCH_MAX,
+    WRITER_BATCH_WINDOW, WRITER_QUEUE_CAPACITY,
 };
 
 use std::collections::hash_map::Entry;
