@@ -21,6 +21,8 @@ pub struct Config {
     pub presence: Presence,
     pub log: Log,
     pub records: Records,
+    pub history: History,
+    pub mailbox: Mailbox,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +181,42 @@ pub struct Records {
     pub max_records: u64,
     /// Records of connections opened longer ago than this many days are deleted.
     pub max_age_days: u64,
+}
+
+/// Client streams (spec §8): what each (user, agent) stream keeps for clients that resume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct History {
+    /// Most messages kept per stream; 0 turns history off (messages still carry `seq`/`epoch`).
+    pub max_messages: usize,
+    /// Most bytes of frames kept per stream (the oldest are trimmed first).
+    pub max_bytes: usize,
+    /// Messages older than this are trimmed; closed sessions stay resumable this long.
+    pub ttl_secs: u64,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History { max_messages: 1000, max_bytes: 1 << 20, ttl_secs: 300 }
+    }
+}
+
+/// Agent mailboxes (spec §8): client messages kept for an agent that is offline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mailbox {
+    /// Most messages queued per agent; one more is `mailbox_full`. 0 turns mailboxes off.
+    pub max_messages: usize,
+    /// Most bytes of frames queued per agent.
+    pub max_bytes: usize,
+    /// Queued messages older than this expire undelivered (counted).
+    pub ttl_secs: u64,
+}
+
+impl Default for Mailbox {
+    fn default() -> Self {
+        Mailbox { max_messages: 10_000, max_bytes: 4 << 20, ttl_secs: 86_400 }
+    }
 }
 
 impl Default for Records {
@@ -396,6 +434,26 @@ impl Config {
         if !(1..=36_500).contains(&r.max_age_days) {
             return Err(invalid("records.max_age_days", "must be between 1 and 36500"));
         }
+        let h = &self.history;
+        if h.max_messages > 1_000_000 {
+            return Err(invalid("history.max_messages", "must be at most 1000000"));
+        }
+        if h.max_messages > 0 && h.max_bytes < l.max_frame_bytes {
+            return Err(invalid("history.max_bytes", "must be at least limits.max_frame_bytes"));
+        }
+        if h.ttl_secs == 0 || h.ttl_secs > 30 * 86_400 {
+            return Err(invalid("history.ttl_secs", "must be between 1 and 2592000"));
+        }
+        let m = &self.mailbox;
+        if m.max_messages > 10_000_000 {
+            return Err(invalid("mailbox.max_messages", "must be at most 10000000"));
+        }
+        if m.max_messages > 0 && m.max_bytes < l.max_frame_bytes {
+            return Err(invalid("mailbox.max_bytes", "must be at least limits.max_frame_bytes"));
+        }
+        if m.ttl_secs == 0 || m.ttl_secs > 365 * 86_400 {
+            return Err(invalid("mailbox.ttl_secs", "must be between 1 and 31536000"));
+        }
         let budget_mb = r.max_records.saturating_mul(RECORD_BUDGET_BYTES).div_ceil(1 << 20);
         if budget_mb > s.store_map_size_mb as u64 {
             return Err(invalid(
@@ -426,7 +484,8 @@ fn apply_env(
     table: &mut toml::Table,
     vars: impl Iterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
-    const SECTIONS: [&str; 7] = ["server", "limits", "auth", "jwt", "presence", "log", "records"];
+    const SECTIONS: [&str; 9] =
+        ["server", "limits", "auth", "jwt", "presence", "log", "records", "history", "mailbox"];
     for (var, raw) in vars {
         let Some(rest) = var.strip_prefix("SWITCHBOARD_") else { continue };
         let rest = rest.to_ascii_lowercase();
@@ -511,6 +570,28 @@ mod tests {
         let t: toml::Table = "[records]\nmax_rows = 3".parse().unwrap();
         let r: Result<Config, _> = toml::Value::Table(t).try_into();
         assert!(r.unwrap_err().to_string().contains("max_rows"));
+    }
+
+    #[test]
+    fn history_and_mailbox_defaults_env_and_validation() {
+        let c = Config::default();
+        assert_eq!((c.history.max_messages, c.history.ttl_secs), (1000, 300));
+        assert_eq!((c.mailbox.max_messages, c.mailbox.ttl_secs), (10_000, 86_400));
+        let mut t = toml::Table::new();
+        let vars = vec![
+            ("SWITCHBOARD_HISTORY_MAX_MESSAGES".to_string(), "5".to_string()),
+            ("SWITCHBOARD_MAILBOX_MAX_BYTES".to_string(), "70000".to_string()),
+        ];
+        apply_env(&mut t, vars.into_iter()).unwrap();
+        let c: Config = toml::Value::Table(t).try_into().unwrap();
+        assert_eq!((c.history.max_messages, c.mailbox.max_bytes), (5, 70_000));
+        c.validate().unwrap();
+        let mut c = Config::default();
+        c.mailbox.max_bytes = 10;
+        assert!(c.validate().unwrap_err().to_string().contains("mailbox.max_bytes"));
+        let mut c = Config::default();
+        c.history.ttl_secs = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("history.ttl_secs"));
     }
 
     #[test]

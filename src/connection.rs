@@ -62,6 +62,8 @@ pub enum RoleState {
         allow: Option<Box<[Box<str>]>>,
         exp: u64,
         warned: bool,
+        /// What the client asked to resume (spec §8); taken by the welcome.
+        resume: Option<Box<crate::handshake::ResumeReq>>,
     },
     Echo,
 }
@@ -118,6 +120,45 @@ pub struct ConnState {
     flushed: u64,
     /// The TLS session on a `wss://` listener.
     tls: Option<Box<crate::tls::TlsIo>>,
+    /// Frames that wait, in order, behind a store commit or a replay (spec §8): once this is
+    /// non-empty every further frame queues behind it, so order is kept.
+    backlog: VecDeque<Pending>,
+    /// Bytes of budgeted (live) frames in `backlog`; they count toward the outbound budget.
+    backlog_bytes: usize,
+    /// On the shard's list of connections waiting for a commit.
+    pub waiting: bool,
+}
+
+/// A frame that waits in a connection's backlog.
+pub struct Pending {
+    /// The shard's commit ticket this frame waits for (0: none, only for what is ahead).
+    pub after: u64,
+    pub frame: Bytes,
+    /// What to do instead when that commit failed.
+    pub on_fail: OnFail,
+    /// Counted toward the outbound budget (live traffic); replayed frames are not (they are
+    /// shared with the history) and are paced instead.
+    pub budgeted: bool,
+}
+
+pub enum OnFail {
+    /// Send this frame instead (an `error` instead of an `ack … queued`).
+    Send(Bytes),
+    /// Drop the frame (a mailbox message that was never stored).
+    Skip,
+    /// Close with 1011: the stream's lease was not committed, so its frames must not go out.
+    Close,
+}
+
+/// What [`ConnState::pump`] stopped at.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pump {
+    /// The backlog is empty (or the connection is closing).
+    Done,
+    /// The front waits for a commit.
+    Gated,
+    /// The outbound queue is full enough; continue after the next write.
+    Full,
 }
 
 pub struct Conn {
@@ -181,17 +222,90 @@ pub enum Queued {
 }
 
 impl ConnState {
-    /// Queues a data frame within the outbound budget.
+    /// Queues a data frame within the outbound budget (behind the backlog, if any).
     pub fn enqueue(&mut self, frame: Bytes, budget: usize, now: Instant) -> Queued {
+        self.enqueue_after(frame, 0, budget, now)
+    }
+
+    /// Queues a data frame within the outbound budget, to be written once commit ticket
+    /// `after` has settled (0: at once), behind the backlog if any. A frame that waits for a
+    /// stream's lease must not go out if that lease was never stored: closes with 1011.
+    pub fn enqueue_after(&mut self, frame: Bytes, after: u64, budget: usize, now: Instant) -> Queued {
         if self.phase != Phase::Open {
             return Queued::Closed;
         }
-        if self.out_bytes + frame.len() > budget {
+        if self.out_bytes + self.backlog_bytes + frame.len() > budget {
             self.close_slow_consumer(now);
             return Queued::Overflow;
         }
-        self.push(frame);
+        if self.backlog.is_empty() && after == 0 {
+            self.push(frame);
+        } else {
+            self.backlog_bytes += frame.len();
+            self.backlog.push_back(Pending { after, frame, on_fail: OnFail::Close, budgeted: true });
+        }
         Queued::Yes
+    }
+
+    /// Queues a frame at the back of the backlog, outside the budget: a replayed or queued
+    /// message (shared with the history or mailbox, so it costs no copy), or a frame that
+    /// waits for commit `after`. False when the connection is closing.
+    pub fn defer(&mut self, p: Pending) -> bool {
+        if self.phase != Phase::Open {
+            return false;
+        }
+        if p.budgeted {
+            self.backlog_bytes += p.frame.len();
+        }
+        self.backlog.push_back(p);
+        true
+    }
+
+    /// Whether frames wait in the backlog.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Moves backlog frames whose commit has settled onto the outbound queue, in order;
+    /// unbudgeted (replayed) frames only while less than half the budget is queued.
+    pub fn pump(
+        &mut self,
+        settled: u64,
+        failed: &std::collections::HashSet<u64>,
+        budget: usize,
+        now: Instant,
+    ) -> Pump {
+        loop {
+            if self.phase != Phase::Open {
+                self.backlog.clear();
+                self.backlog_bytes = 0;
+                return Pump::Done;
+            }
+            let Some(front) = self.backlog.front() else { return Pump::Done };
+            if front.after > settled {
+                return Pump::Gated;
+            }
+            if !front.budgeted && self.out_bytes > budget / 2 {
+                return Pump::Full;
+            }
+            let p = self.backlog.pop_front().expect("front checked");
+            if p.budgeted {
+                self.backlog_bytes -= p.frame.len();
+            }
+            let frame = if p.after != 0 && failed.contains(&p.after) {
+                match p.on_fail {
+                    OnFail::Send(f) => f,
+                    OnFail::Skip => continue,
+                    OnFail::Close => {
+                        self.close(1011, "internal error: store commit failed", now);
+                        continue;
+                    }
+                }
+            } else {
+                p.frame
+            };
+            self.push(frame);
+        }
     }
 
     fn push(&mut self, frame: Bytes) {
@@ -282,6 +396,8 @@ impl ConnState {
     /// and closes with 4008.
     fn close_slow_consumer(&mut self, now: Instant) {
         let keep = if self.head_off > 0 { 1 } else { 0 };
+        self.backlog.clear();
+        self.backlog_bytes = 0;
         while self.outq.len() > keep {
             let b = self.outq.pop_back().expect("len checked");
             self.out_bytes -= b.len();
@@ -337,6 +453,46 @@ impl ShardCtx {
         q
     }
 
+    /// [`deliver`](Self::deliver), written only once commit ticket `after` has settled.
+    pub fn deliver_after(&self, conn: &ConnRef, st: &mut ConnState, frame: Bytes, after: u64) -> Queued {
+        if after == 0 {
+            return self.deliver(conn, st, frame);
+        }
+        let budget = self.cfg().limits.send_buffer_bytes;
+        let q = st.enqueue_after(frame, after, budget, self.now());
+        if q == Queued::Yes {
+            crate::metrics::ShardStats::add(&self.stats.frames_out, 1);
+            self.pump_backlog(conn, st);
+        }
+        self.mark_dirty(conn, st);
+        q
+    }
+
+    /// Moves what may go from `conn`'s backlog to its queue; puts it on the waiting list when
+    /// its front waits for a commit.
+    pub fn pump_backlog(&self, conn: &ConnRef, st: &mut ConnState) {
+        let budget = self.cfg().limits.send_buffer_bytes;
+        let before = st.queued_bytes();
+        let r = st.pump(self.settled.get(), &self.failed.borrow(), budget, self.now());
+        if r == Pump::Gated && !st.waiting {
+            st.waiting = true;
+            self.waiting.borrow_mut().push(conn.clone());
+        }
+        if st.queued_bytes() != before && !st.dirty {
+            st.dirty = true;
+            self.dirty.borrow_mut().push(conn.clone());
+        }
+    }
+
+    /// Queues `p` behind `conn`'s backlog and moves what may go.
+    pub fn defer(&self, conn: &ConnRef, st: &mut ConnState, p: Pending) -> bool {
+        if !st.defer(p) {
+            return false;
+        }
+        self.pump_backlog(conn, st);
+        true
+    }
+
     /// Schedules `conn` for a flush at the end of the current batch.
     pub fn mark_dirty(&self, conn: &ConnRef, st: &mut ConnState) {
         if !st.dirty {
@@ -354,7 +510,16 @@ impl ShardCtx {
             if st.want_write || st.phase == Phase::Dead {
                 continue;
             }
-            let r = st.flush(conn.fd);
+            let mut r = st.flush(conn.fd);
+            // Refill from the backlog as the queue drains (replays are paced by the budget).
+            while matches!(r, Ok(true)) && st.has_backlog() {
+                let before = st.queued_bytes();
+                self.pump_backlog(&conn, &mut st);
+                if st.queued_bytes() == before {
+                    break;
+                }
+                r = st.flush(conn.fd);
+            }
             crate::metrics::ShardStats::add(&self.stats.bytes_out, std::mem::take(&mut st.flushed));
             match r {
                 Ok(true) => {
@@ -408,13 +573,14 @@ pub fn register(shard: &Rc<ShardCtx>, stream: &TcpStream, accepted: Accepted) ->
             let role = RoleState::Agent { key, last_ctr: 0, expires: record.expires };
             (record.user.clone(), ident, role)
         }
-        Authenticated::Client { claims, bound } => {
+        Authenticated::Client { claims, bound, resume } => {
             let ident = Ident::Client { session: crate::ids::session_id().into() };
             let role = RoleState::Client {
                 bound: bound.map(Into::into),
                 allow: claims.agents.map(|a| a.into_iter().map(Into::into).collect()),
                 exp: claims.exp,
                 warned: false,
+                resume: resume.map(Box::new),
             };
             (claims.user, ident, role)
         }
@@ -444,6 +610,9 @@ pub fn register(shard: &Rc<ShardCtx>, stream: &TcpStream, accepted: Accepted) ->
         bytes_out: 0,
         flushed: 0,
         tls,
+        backlog: VecDeque::new(),
+        backlog_bytes: 0,
+        waiting: false,
     };
     let conn = Rc::new(Conn {
         fd: stream.as_raw_fd(),

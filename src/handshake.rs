@@ -51,6 +51,8 @@ pub enum Authenticated {
     Client {
         claims: ClientClaims,
         bound: Option<String>,
+        /// `since`/`epoch`/`resume` (spec §8), already checked for shape.
+        resume: Option<ResumeReq>,
     },
     /// The test-only echo endpoint: no identity, no routing.
     Echo,
@@ -62,6 +64,40 @@ pub const ECHO_USER: &str = concat!(
     "echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint-",
     "echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint-echo-endpoint"
 );
+
+/// What a reconnecting client asks to resume (spec §8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeReq {
+    /// `since` and `epoch`: the last `seq` the client has of the bound agent's stream.
+    pub since: Option<(u64, String)>,
+    /// `resume`: the client's previous session.
+    pub old_session: Option<String>,
+}
+
+/// Checks the shape of `since`, `epoch` and `resume` (docs/protocol.md §10.2).
+fn resume_params(req: &Request) -> Result<Option<ResumeReq>, &'static str> {
+    let since = match (&req.since, &req.epoch) {
+        (None, None) => None,
+        (Some(s), Some(e)) => {
+            if req.agent.is_none() {
+                return Err("since_without_agent");
+            }
+            let digits = !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+            let n = digits.then(|| s.parse::<u64>().ok()).flatten().ok_or("bad_since")?;
+            if !crate::ids::is_valid_id(e) {
+                return Err("bad_epoch");
+            }
+            Some((n, e.clone()))
+        }
+        _ => return Err("since_and_epoch_go_together"),
+    };
+    let old_session = match &req.resume {
+        None => None,
+        Some(r) if crate::ids::is_valid_id(r) => Some(r.clone()),
+        Some(_) => return Err("bad_resume"),
+    };
+    Ok((since.is_some() || old_session.is_some()).then_some(ResumeReq { since, old_session }))
+}
 
 impl Authenticated {
     pub fn user(&self) -> &str {
@@ -291,6 +327,7 @@ fn check(
             Ok(Some(Authenticated::Agent { record: Box::new(record), key, nonce: nonce.to_string() }))
         }
         Endpoint::Client => {
+            let resume = resume_params(req).map_err(|reason| (Refusal::BadRequest, reason))?;
             let token = req.client_token().ok_or(unauthorized("missing_credentials"))?;
             let claims = g.jwt().verify(token).map_err(|e| unauthorized(e.reason()))?;
             let bound = match &req.agent {
@@ -305,7 +342,7 @@ fn check(
                     Some(agent_id.to_string())
                 }
             };
-            Ok(Some(Authenticated::Client { claims, bound }))
+            Ok(Some(Authenticated::Client { claims, bound, resume }))
         }
         Endpoint::Echo => Ok(Some(Authenticated::Echo)),
         Endpoint::Healthz | Endpoint::Other => Err((Refusal::NotFound, "not_found")),

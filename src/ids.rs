@@ -51,6 +51,11 @@ pub fn conn_id() -> String {
     prefixed::<12>("c_")
 }
 
+/// A new stream epoch (spec §8): `e_` + 9 random bytes base64url (14 characters).
+pub fn epoch_id() -> String {
+    prefixed::<9>("e_")
+}
+
 /// A new HMAC agent secret: `sbk_` + 32 random bytes base64url (47 characters).
 /// The HMAC key is the UTF-8 bytes of this string exactly (spec §3.1).
 pub fn hmac_secret() -> String {

@@ -9,6 +9,7 @@
 //! - [`ws`]         the one seam where tungstenite meets the socket (readiness + per-shard buffer).
 //! - [`connection`] one WebSocket session on its home shard: read loop, outbound queue, close.
 //! - [`router`]     per-user state on the home shard: agents, sessions, presence, rate limits.
+//! - [`resume`]     client streams (seq, epoch, history), closed sessions, agent mailboxes (spec §8).
 //! - [`proxy`]      PROXY protocol v2 headers and the trusted upstream networks.
 //! - [`protocol`]   the in-place envelope parser and every outbound frame builder.
 //! - [`auth`]       agent upgrade/message signatures, the nonce window, JWT verification.
@@ -37,6 +38,7 @@ pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod proxy;
+pub mod resume;
 pub mod router;
 pub mod server;
 pub mod shard;

@@ -33,6 +33,19 @@ pub const STORE_COMMIT_ERRORS: &str = "switchboard_store_commit_errors_total";
 pub const STORE_OPS_DROPPED: &str = "switchboard_store_ops_dropped_total";
 pub const STORE_LAST_COMMIT_SECONDS: &str = "switchboard_store_last_commit_seconds";
 pub const STORE_LAST_BATCH: &str = "switchboard_store_last_batch_size";
+pub const STREAMS: &str = "switchboard_streams";
+pub const HISTORY_MESSAGES: &str = "switchboard_history_messages";
+pub const HISTORY_BYTES: &str = "switchboard_history_bytes";
+pub const HISTORY_TRIMMED: &str = "switchboard_history_trimmed_total";
+pub const STREAM_ROTATIONS: &str = "switchboard_stream_rotations_total";
+pub const RESUMES: &str = "switchboard_resumes_total";
+pub const REPLAYED: &str = "switchboard_replayed_messages_total";
+pub const QUEUED_FOR_SESSION: &str = "switchboard_session_queued_total";
+pub const MAILBOX_MESSAGES: &str = "switchboard_mailbox_messages";
+pub const MAILBOX_BYTES: &str = "switchboard_mailbox_bytes";
+pub const MAILBOX_QUEUED: &str = "switchboard_mailbox_queued_total";
+pub const MAILBOX_DELIVERED: &str = "switchboard_mailbox_deliveries_total";
+pub const MAILBOX_EXPIRED: &str = "switchboard_mailbox_expired_total";
 pub const BUILD_INFO: &str = "switchboard_build_info";
 pub const RESIDENT_BYTES: &str = "process_resident_memory_bytes";
 pub const OPEN_FDS: &str = "process_open_fds";
@@ -57,6 +70,21 @@ pub struct ShardStats {
     pub outbound_bytes: Cell<i64>,
     /// Relay latency counts by bucket index of [`LATENCY_BUCKETS`] (last = overflow).
     latency: [Cell<u32>; LATENCY_BUCKETS.len() + 1],
+    // Spec §8, gauges (current totals on this shard) then counters.
+    pub streams: Cell<i64>,
+    pub history_entries: Cell<i64>,
+    pub history_bytes: Cell<i64>,
+    pub mailbox_entries: Cell<i64>,
+    pub mailbox_bytes: Cell<i64>,
+    pub history_trimmed: Cell<u64>,
+    pub replayed: Cell<u64>,
+    pub resumed_ok: Cell<u64>,
+    pub resumed_lost: Cell<u64>,
+    pub queued_for_session: Cell<u64>,
+    pub mail_queued: Cell<u64>,
+    pub mail_delivered: Cell<u64>,
+    pub mail_redelivered: Cell<u64>,
+    pub mail_expired: Cell<u64>,
 }
 
 impl ShardStats {
@@ -87,6 +115,20 @@ pub struct ShardMetrics {
     outbound: Gauge,
     inbox_depth: Gauge,
     latency: Histogram,
+    streams: Gauge,
+    history_entries: Gauge,
+    history_bytes: Gauge,
+    mailbox_entries: Gauge,
+    mailbox_bytes: Gauge,
+    history_trimmed: Counter,
+    replayed: Counter,
+    resumed_ok: Counter,
+    resumed_lost: Counter,
+    queued_for_session: Counter,
+    mail_queued: Counter,
+    mail_delivered: Counter,
+    mail_redelivered: Counter,
+    mail_expired: Counter,
 }
 
 impl ShardMetrics {
@@ -101,7 +143,21 @@ impl ShardMetrics {
             deliveries: counter!(DELIVERIES, "shard" => s.clone()),
             outbound: gauge!(OUTBOUND_BYTES, "shard" => s.clone()),
             inbox_depth: gauge!(INBOX_DEPTH, "shard" => s.clone()),
-            latency: histogram!(RELAY_SECONDS, "shard" => s),
+            latency: histogram!(RELAY_SECONDS, "shard" => s.clone()),
+            streams: gauge!(STREAMS, "shard" => s.clone()),
+            history_entries: gauge!(HISTORY_MESSAGES, "shard" => s.clone()),
+            history_bytes: gauge!(HISTORY_BYTES, "shard" => s.clone()),
+            mailbox_entries: gauge!(MAILBOX_MESSAGES, "shard" => s.clone()),
+            mailbox_bytes: gauge!(MAILBOX_BYTES, "shard" => s.clone()),
+            history_trimmed: counter!(HISTORY_TRIMMED, "shard" => s.clone()),
+            replayed: counter!(REPLAYED, "shard" => s.clone()),
+            resumed_ok: counter!(RESUMES, "recovered" => "true", "shard" => s.clone()),
+            resumed_lost: counter!(RESUMES, "recovered" => "false", "shard" => s.clone()),
+            queued_for_session: counter!(QUEUED_FOR_SESSION, "shard" => s.clone()),
+            mail_queued: counter!(MAILBOX_QUEUED, "shard" => s.clone()),
+            mail_delivered: counter!(MAILBOX_DELIVERED, "kind" => "first", "shard" => s.clone()),
+            mail_redelivered: counter!(MAILBOX_DELIVERED, "kind" => "redelivery", "shard" => s.clone()),
+            mail_expired: counter!(MAILBOX_EXPIRED, "shard" => s),
         }
     }
 
@@ -115,6 +171,20 @@ impl ShardMetrics {
         self.relayed.increment(take(&s.relayed));
         self.deliveries.increment(take(&s.deliveries));
         self.outbound.set(s.outbound_bytes.get() as f64);
+        self.streams.set(s.streams.get() as f64);
+        self.history_entries.set(s.history_entries.get() as f64);
+        self.history_bytes.set(s.history_bytes.get() as f64);
+        self.mailbox_entries.set(s.mailbox_entries.get() as f64);
+        self.mailbox_bytes.set(s.mailbox_bytes.get() as f64);
+        self.history_trimmed.increment(take(&s.history_trimmed));
+        self.replayed.increment(take(&s.replayed));
+        self.resumed_ok.increment(take(&s.resumed_ok));
+        self.resumed_lost.increment(take(&s.resumed_lost));
+        self.queued_for_session.increment(take(&s.queued_for_session));
+        self.mail_queued.increment(take(&s.mail_queued));
+        self.mail_delivered.increment(take(&s.mail_delivered));
+        self.mail_redelivered.increment(take(&s.mail_redelivered));
+        self.mail_expired.increment(take(&s.mail_expired));
         self.inbox_depth.set(inbox_depth as f64);
         for (i, c) in s.latency.iter().enumerate() {
             let n = c.replace(0);
@@ -160,6 +230,12 @@ pub fn conn_closed(role: &'static str, code: u16) {
 /// bad_frame, slow_consumer.
 pub fn dropped(reason: &'static str) {
     counter!(MESSAGES_DROPPED, "reason" => reason).increment(1);
+}
+
+/// A stream started a new epoch, its history lost: `crash` (found dirty at load), `store`
+/// (the writer could not take its lease), `config` (history turned off).
+pub fn stream_rotated(reason: &'static str) {
+    counter!(STREAM_ROTATIONS, "reason" => reason).increment(1);
 }
 
 /// Installs the Prometheus recorder (no HTTP server of its own: the admin listener serves

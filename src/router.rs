@@ -10,8 +10,9 @@
 //! - Every `message` frame is built by [`crate::protocol`]'s single builder, so resume (§8)
 //!   can add `seq`/`epoch` in one place.
 
-use crate::connection::{ConnRef, ConnState, Ident, Phase, Queued, RoleState};
+use crate::connection::{ConnRef, ConnState, Ident, OnFail, Pending, Phase, Queued, RoleState};
 use crate::protocol::{self, frames, Inbound, Kind};
+use crate::resume::{self, Target};
 use crate::shard::local::{unix_now, ShardCtx};
 use crate::shard::TokenBucket;
 use serde_json::value::RawValue;
@@ -40,10 +41,12 @@ pub struct UserState {
     last_limited: Option<Instant>,
     /// Whether this user is on its shard's list of users with an agent in offline grace.
     pub in_grace_list: bool,
+    /// Streams, closed sessions and mailboxes (spec §8).
+    pub durable: resume::Durable,
 }
 
 impl UserState {
-    pub fn new(user: Rc<str>, burst: u32, now: Instant) -> Self {
+    pub fn new(user: Rc<str>, burst: u32, now: Instant, durable: resume::Durable) -> Self {
         UserState {
             user,
             agents: HashMap::new(),
@@ -53,12 +56,14 @@ impl UserState {
             over_since: None,
             last_limited: None,
             in_grace_list: false,
+            durable,
         }
     }
 
-    /// True when nothing keeps this state alive.
-    pub fn is_empty(&self) -> bool {
-        self.conns == 0 && self.agents.is_empty()
+    /// True when nothing keeps this state alive in memory (`settled`: the shard's last
+    /// settled commit ticket).
+    pub fn is_empty(&self, settled: u64) -> bool {
+        self.conns == 0 && self.agents.is_empty() && self.durable.is_idle(settled)
     }
 
     /// Whether an agent of this user is offline within its grace period.
@@ -139,8 +144,12 @@ pub fn on_text(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, text: &[u8]
     };
     match inbound.kind {
         Kind::Ping => reply(shard, conn, st, frames::pong()),
-        // Cumulative mailbox acks belong to offline delivery (spec §8): accepted, no effect yet.
-        Kind::Ack => {}
+        // A cumulative mailbox ack (spec §8); from a client it means nothing and is ignored.
+        Kind::Ack => {
+            if let (Ident::Agent { agent_id, .. }, Some(n)) = (&conn.ident, inbound.seq) {
+                resume::on_agent_ack(shard, &mut conn.user.borrow_mut(), agent_id, n);
+            }
+        }
         Kind::Refresh => refresh(shard, conn, st, &inbound),
         Kind::Send => match &conn.ident {
             Ident::Agent { agent_id, conn_id } => {
@@ -195,28 +204,42 @@ fn agent_send(
     if !within_rate(shard, conn, st, m, now) {
         return;
     }
-    let frame = frames::message_to_client(agent_id, data);
-    let user = conn.user.borrow();
-    let mut deliveries = 0;
-    match to {
-        Some(session) => {
-            let Some(target) = user.sessions.get(session) else {
-                drop(user);
-                crate::metrics::dropped("offline");
-                return error(shard, conn, st, "offline", m.id, "no such session");
-            };
-            let mut tst = target.st.borrow_mut();
-            if !tst.role.can_reach(agent_id) {
-                drop(tst);
-                drop(user);
-                crate::metrics::dropped("not_allowed");
-                return error(shard, conn, st, "not_allowed", m.id, "that session cannot reach this agent");
+    let mut user_ref = conn.user.borrow_mut();
+    let user = &mut *user_ref;
+    let target = match to {
+        Some(session) => match resume::target(shard, user, agent_id, session) {
+            Ok(t) => t,
+            Err(code) => {
+                drop(user_ref);
+                crate::metrics::dropped(code);
+                let msg = if code == "offline" {
+                    "no such session"
+                } else {
+                    "that session cannot reach this agent"
+                };
+                return error(shard, conn, st, code, m.id, msg);
             }
-            match shard.deliver(target, &mut tst, frame) {
+        },
+        None => Target::Broadcast,
+    };
+    let (live, to_session) = match &target {
+        Target::Live(c) => (true, resume::session_of(c).cloned()),
+        Target::Queued(s) => (false, Some(s.clone())),
+        Target::Broadcast => (user.sessions.values().any(|s| s.st.borrow().role.can_reach(agent_id)), None),
+    };
+    // Every message of the agent to its user is part of its stream (spec §8): seq, epoch,
+    // history. Live frames wait behind the stream's lease when it has to be taken first.
+    let (frame, ticket, gate) = resume::stamp(shard, user, agent_id, to_session.as_ref(), data, live);
+    let after = gate.unwrap_or(0);
+    let mut deliveries = 0;
+    match target {
+        Target::Live(target) => {
+            drop(user_ref);
+            let mut tst = target.st.borrow_mut();
+            match shard.deliver_after(&target, &mut tst, frame, after) {
                 Queued::Yes => deliveries = 1,
                 Queued::Closed => {
                     drop(tst);
-                    drop(user);
                     crate::metrics::dropped("offline");
                     return error(shard, conn, st, "offline", m.id, "no such session");
                 }
@@ -224,7 +247,6 @@ fn agent_send(
                     // The recipient could not keep up and is being closed (4008): the
                     // message is lost, so the sender hears it instead of an ack.
                     drop(tst);
-                    drop(user);
                     return error(
                         shard,
                         conn,
@@ -236,18 +258,48 @@ fn agent_send(
                 }
             }
         }
-        None => {
+        Target::Queued(_) => {
+            drop(user_ref);
+            if ticket == 0 {
+                crate::metrics::dropped("offline");
+                return error(
+                    shard,
+                    conn,
+                    st,
+                    "offline",
+                    m.id,
+                    "the session is closed and the store is busy",
+                );
+            }
+            crate::metrics::ShardStats::add(&shard.stats.queued_for_session, 1);
+            shard.stats.relayed(now, 0);
+            if let Some(id) = m.id {
+                let p = Pending {
+                    after: ticket,
+                    frame: frames::ack_queued(id),
+                    on_fail: OnFail::Send(frames::error(
+                        "offline",
+                        Some(id),
+                        "the message could not be stored",
+                    )),
+                    budgeted: false,
+                };
+                shard.defer(conn, st, p);
+            }
+            return;
+        }
+        Target::Broadcast => {
             for target in user.sessions.values() {
                 let mut tst = target.st.borrow_mut();
                 if tst.role.can_reach(agent_id)
-                    && shard.deliver(target, &mut tst, frame.clone()) == Queued::Yes
+                    && shard.deliver_after(target, &mut tst, frame.clone(), after) == Queued::Yes
                 {
                     deliveries += 1;
                 }
             }
+            drop(user_ref);
         }
     }
-    drop(user);
     shard.stats.relayed(now, deliveries);
     if let Some(id) = m.id {
         reply(shard, conn, st, frames::ack(id));
@@ -290,14 +342,24 @@ fn client_send(
     }
     let user = conn.user.borrow();
     let agent = user.agents.get(target).and_then(|s| s.conn.clone());
+    let unconfirmed = resume::has_unconfirmed(&user, target);
     let user_name = user.user.clone();
     drop(user);
-    let delivered = match agent {
-        Some(agent) => {
+    let mut online = None;
+    if let Some(agent) = agent {
+        if !unconfirmed {
             let mut ast = agent.st.borrow_mut();
             match shard.deliver(&agent, &mut ast, frames::message_to_agent(session, data)) {
-                Queued::Yes => true,
-                Queued::Closed => false,
+                Queued::Yes => {
+                    drop(ast);
+                    shard.stats.relayed(now, 1);
+                    if let Some(id) = m.id {
+                        reply(shard, conn, st, frames::ack(id));
+                    }
+                    return;
+                }
+                // Closing: it is as good as offline.
+                Queued::Closed => {}
                 Queued::Overflow => {
                     drop(ast);
                     return error(
@@ -310,23 +372,59 @@ fn client_send(
                     );
                 }
             }
-        }
-        None => false,
-    };
-    if !delivered {
-        // Not online here: is it this user's agent at all? Only the failure path reads the store.
-        let mine = matches!(shard.global.store.get_agent(target), Ok(Some(r)) if *r.user == *user_name && r.is_usable(unix_now()));
-        let (code, msg) = if mine {
-            ("offline", "that agent is not connected")
         } else {
-            ("not_allowed", "no such agent for this user")
-        };
-        crate::metrics::dropped(code);
-        return error(shard, conn, st, code, m.id, msg);
+            // Unconfirmed mail waits for this agent: new messages queue behind it.
+            online = Some(agent);
+        }
     }
-    shard.stats.relayed(now, 1);
-    if let Some(id) = m.id {
-        reply(shard, conn, st, frames::ack(id));
+    if online.is_none() {
+        // Not online here: is it this user's agent at all? Only this path reads the store.
+        let mine = matches!(shard.global.store.get_agent(target), Ok(Some(r)) if *r.user == *user_name && r.is_usable(unix_now()));
+        if !mine {
+            crate::metrics::dropped("not_allowed");
+            return error(shard, conn, st, "not_allowed", m.id, "no such agent for this user");
+        }
+        if !resume::mailbox_on(shard) {
+            crate::metrics::dropped("offline");
+            return error(shard, conn, st, "offline", m.id, "that agent is not connected");
+        }
+    }
+    let mut user = conn.user.borrow_mut();
+    let agent_key: Rc<str> = match user.agents.get_key_value(target) {
+        Some((k, _)) => k.clone(),
+        None => target.into(),
+    };
+    let queued = resume::enqueue_mail(shard, &mut user, &agent_key, session, data, online.as_ref());
+    drop(user);
+    match queued {
+        resume::Queue::Queued { ticket } => {
+            shard.stats.relayed(now, 0);
+            if let Some(id) = m.id {
+                let p = Pending {
+                    after: ticket,
+                    frame: frames::ack_queued(id),
+                    on_fail: OnFail::Send(frames::error(
+                        "offline",
+                        Some(id),
+                        "the message could not be stored",
+                    )),
+                    budgeted: false,
+                };
+                shard.defer(conn, st, p);
+            }
+        }
+        resume::Queue::Full => error(
+            shard,
+            conn,
+            st,
+            "mailbox_full",
+            m.id,
+            "the agent's mailbox is full; the message was not stored",
+        ),
+        resume::Queue::Unavailable => {
+            crate::metrics::dropped("offline");
+            error(shard, conn, st, "offline", m.id, "the agent is not connected and the store is busy")
+        }
     }
 }
 
@@ -411,6 +509,7 @@ pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState) {
             let welcome = frames::welcome_agent(conn_id, agent_id, &user.user, &names, hb);
             drop(user);
             shard.deliver(conn, st, welcome);
+            resume::on_agent_open(shard, conn, st, &mut conn.user.borrow_mut(), agent_id);
         }
         Ident::Client { session } => {
             let mut user = conn.user.borrow_mut();
@@ -442,6 +541,7 @@ pub fn on_open(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState) {
                     warn_expiry(shard, conn, st, remaining);
                 }
             }
+            resume::on_client_open(shard, conn, st, &mut conn.user.borrow_mut(), session);
         }
     }
 }
@@ -482,13 +582,14 @@ pub fn on_close(shard: &ShardCtx, conn: &ConnRef) {
                         }
                     }
                 }
+                resume::on_client_close(shard, &mut user, session, &st.role);
             }
         }
     }
-    if user.is_empty() {
+    if user.is_empty(shard.settled.get()) {
         let name = user.user.clone();
         drop(user);
-        shard.users.borrow_mut().remove(&name);
+        shard.drop_user(&name, &conn.user);
     }
 }
 

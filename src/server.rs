@@ -142,9 +142,12 @@ pub fn serve(config: Config, load: impl Fn() -> anyhow::Result<Config>) -> anyho
         .with_context(|| format!("bind admin listener {}", config.server.admin_listen))?;
     let admin_addr = admin.local_addr()?;
     let prom = crate::metrics::install();
-    let retention = store::RetentionPolicy::new(config.records.max_records, config.records.max_age_days);
+    let retention = store::RetentionPolicy::new(config.records.max_records, config.records.max_age_days)
+        .with_durable(config.history.ttl_secs, config.mailbox.ttl_secs);
     let writer = store::spawn_writer_with(store.clone(), retention);
     let (inboxes, receivers) = shard::channels(n);
+    // The writer rings a shard's doorbell when that shard's durable ops are committed.
+    writer.set_wakers(receivers.iter().map(|(_, bell)| bell.clone()).collect());
     let global = Arc::new(Global {
         config: RwLock::new(Arc::new(config.clone())),
         store: store.clone(),

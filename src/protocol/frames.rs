@@ -113,36 +113,62 @@ fn str_len(s: &str) -> usize {
     s.len() + 2
 }
 
-/// `{"type":"message","from":"<from>",["seq":N,"epoch":"<epoch>",]"data":<data>}` — the one
-/// builder of message frames. `seq` is the [resume] stream position and its epoch.
-fn message(from: &str, data: &[u8], seq: Option<(u64, &str)>) -> Bytes {
+/// `{"type":"message","from":"<from>",["seq":N,]["epoch":"<epoch>",]"data":<data>}` — the one
+/// builder of message frames. `seq` is the [resume] stream or mailbox position; client
+/// streams also carry their epoch.
+fn message(from: &str, data: &[u8], seq: Option<u64>, epoch: Option<&str>) -> Bytes {
     const HEAD: &[u8] = br#"{"type":"message","from":"#;
     const SEQ: &[u8] = br#","seq":"#;
     const EPOCH: &[u8] = br#","epoch":"#;
     const DATA: &[u8] = br#","data":"#;
     let mut cap = HEAD.len() + str_len(from) + DATA.len() + data.len() + 1;
-    if let Some((_, epoch)) = seq {
-        cap += SEQ.len() + 20 + EPOCH.len() + str_len(epoch);
+    if seq.is_some() {
+        cap += SEQ.len() + 20;
+    }
+    if let Some(epoch) = epoch {
+        cap += EPOCH.len() + str_len(epoch);
     }
     let mut f = FrameBuf::with_payload_capacity(cap);
     f.raw(HEAD).str(from);
-    if let Some((n, epoch)) = seq {
-        f.raw(SEQ).u64(n).raw(EPOCH).str(epoch);
+    if let Some(n) = seq {
+        f.raw(SEQ).u64(n);
+    }
+    if let Some(epoch) = epoch {
+        f.raw(EPOCH).str(epoch);
     }
     f.raw(DATA).raw(data).raw(b"}");
+    f.finish(FIN_TEXT)
+}
+
+/// Relay → client, part of a stream (spec §8):
+/// `{"type":"message","from":"<agent_id>","seq":N,"epoch":"<epoch>","data":<data>}`.
+pub fn stream_message(from_agent: &str, seq: u64, epoch: &str, data: &[u8]) -> Bytes {
+    message(from_agent, data, Some(seq), Some(epoch))
+}
+
+/// Relay → agent, from its mailbox (spec §8):
+/// `{"type":"message","from":"<session>","seq":N,"data":<data>}`.
+pub fn mailbox_message(from_session: &str, seq: u64, data: &[u8]) -> Bytes {
+    message(from_session, data, Some(seq), None)
+}
+
+/// `{"type":"resumed","agent":"<agent_id>","recovered":true|false}` (spec §8).
+pub fn resumed(agent: &str, recovered: bool) -> Bytes {
+    let mut f = FrameBuf::with_payload_capacity(48 + str_len(agent));
+    f.raw(br#"{"type":"resumed","agent":"#).str(agent).raw(br#","recovered":"#).bool(recovered).raw(b"}");
     f.finish(FIN_TEXT)
 }
 
 /// Relay → agent: `{"type":"message","from":"<session>","data":<data>}`.
 /// `data` must be the exact bytes of a JSON value (an `Inbound::data` of the sender's frame).
 pub fn message_to_agent(from_session: &str, data: &[u8]) -> Bytes {
-    message(from_session, data, None)
+    message(from_session, data, None, None)
 }
 
 /// Relay → client: `{"type":"message","from":"<agent_id>","data":<data>}`.
 /// `data` must be the exact bytes of a JSON value (an `Inbound::data` of the sender's frame).
 pub fn message_to_client(from_agent: &str, data: &[u8]) -> Bytes {
-    message(from_agent, data, None)
+    message(from_agent, data, None, None)
 }
 
 /// Relay → agent, first frame:
@@ -332,8 +358,20 @@ mod tests {
             json!({"type":"message","from":"ag-9","data":null})
         );
         assert_eq!(
-            json_of(&message("ag", b"7", Some((18446744073709551615, "ep_1")))),
+            json_of(&stream_message("ag", 18446744073709551615, "ep_1", b"7")),
             json!({"type":"message","from":"ag","seq":18446744073709551615u64,"epoch":"ep_1","data":7})
+        );
+        assert_eq!(
+            json_of(&mailbox_message("s_1", 3, b"[1]")),
+            json!({"type":"message","from":"s_1","seq":3,"data":[1]})
+        );
+        assert_eq!(
+            json_of(&resumed("ag_1", true)),
+            json!({"type":"resumed","agent":"ag_1","recovered":true})
+        );
+        assert_eq!(
+            json_of(&resumed("ag_1", false)),
+            json!({"type":"resumed","agent":"ag_1","recovered":false})
         );
         assert_eq!(
             json_of(&welcome_agent("c1", "ag_1", "alice", &["s1", "s2"], 30)),

@@ -14,7 +14,7 @@ use crate::router::{self, UserState};
 use bytes::BytesMut;
 use slab::Slab;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -57,6 +57,14 @@ pub struct ShardCtx {
     /// Accepted upgrade nonces per agent, with the last time each window was used.
     nonces: RefCell<HashMap<String, (NonceWindow, u64)>>,
     now: Cell<Instant>,
+    /// The last commit ticket this shard handed the store writer (spec §8 durability).
+    next_ticket: Cell<u64>,
+    /// Every ticket up to this one has been through a commit (see `failed`).
+    pub settled: Cell<u64>,
+    /// Tickets whose commit failed (rare; kept for the frames that still wait on them).
+    pub failed: RefCell<HashSet<u64>>,
+    /// Connections whose backlog waits for a commit.
+    pub waiting: RefCell<Vec<ConnRef>>,
     pub stats: crate::metrics::ShardStats,
     metrics: crate::metrics::ShardMetrics,
 }
@@ -77,6 +85,10 @@ impl ShardCtx {
             sig_scratch: RefCell::default(),
             nonces: RefCell::default(),
             now: Cell::new(Instant::now()),
+            next_ticket: Cell::new(0),
+            settled: Cell::new(0),
+            failed: RefCell::default(),
+            waiting: RefCell::default(),
             stats: Default::default(),
             metrics: crate::metrics::ShardMetrics::new(idx),
         }
@@ -111,9 +123,70 @@ impl ShardCtx {
         }
         let burst = self.cfg().limits.messages_burst_per_user;
         let name: Rc<str> = user.into();
-        let u = Rc::new(RefCell::new(UserState::new(name.clone(), burst, self.now())));
+        // Streams, closed sessions and mailboxes come back from LMDB on the user's first
+        // connection (one read transaction).
+        let durable = crate::resume::load(self, user);
+        let u = Rc::new(RefCell::new(UserState::new(name.clone(), burst, self.now(), durable)));
         users.insert(name, u.clone());
         u
+    }
+
+    /// Forgets a user whose state is empty, if the map still holds this very state.
+    pub fn drop_user(&self, name: &str, u: &Rc<RefCell<UserState>>) {
+        let mut users = self.users.borrow_mut();
+        if users.get(name).is_some_and(|cur| Rc::ptr_eq(cur, u)) {
+            users.remove(name);
+            drop(users);
+            if let Ok(state) = u.try_borrow() {
+                crate::resume::forget(self, &state.durable);
+            }
+        }
+    }
+
+    /// Hands `op` to the store writer with this shard's next commit ticket; `None` when the
+    /// writer's queue refused it.
+    pub fn send_durable(&self, op: crate::store::WriteOp) -> Option<u64> {
+        let n = self.next_ticket.get() + 1;
+        let ticket = crate::store::Ticket { shard: self.idx, n };
+        if self.global.writer.send_durable(op, ticket) {
+            self.next_ticket.set(n);
+            Some(n)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the writer has settled tickets this shard has not acted on yet.
+    fn commits_pending(&self) -> bool {
+        self.global.writer.settled(self.idx) > self.settled.get()
+    }
+
+    /// Acts on settled commits: frames that waited for them move on.
+    fn check_commits(&self) {
+        let settled = self.global.writer.settled(self.idx);
+        if settled <= self.settled.get() {
+            return;
+        }
+        // Failures are reported before `settled` moves past them.
+        let failed = self.global.writer.take_failed(self.idx);
+        if !failed.is_empty() {
+            tracing::error!(ops = failed.len(), "store commits failed; their acks become errors");
+            self.failed.borrow_mut().extend(failed);
+            let set = self.failed.borrow().clone();
+            for u in self.users.borrow().values() {
+                if let Ok(mut u) = u.try_borrow_mut() {
+                    crate::resume::on_failed(self, &mut u, &set);
+                }
+            }
+        }
+        self.settled.set(settled);
+        let list = std::mem::take(&mut *self.waiting.borrow_mut());
+        for conn in list {
+            let mut st = conn.st.borrow_mut();
+            st.waiting = false;
+            self.pump_backlog(&conn, &mut st);
+        }
+        self.flush_dirty();
     }
 
     pub fn user_conn_count(&self, user: &str) -> usize {
@@ -136,6 +209,7 @@ impl ShardCtx {
 
     /// Heartbeats, idle and token deadlines, close deadlines; then presence grace.
     fn sweep(&self) {
+        self.check_commits();
         let now = self.refresh_now();
         let unix = unix_now();
         let (hb, idle, budget) = {
@@ -193,25 +267,35 @@ impl ShardCtx {
                 self.mark_dirty(conn, &mut st);
             }
         }
+        let settled = self.settled.get();
         let mut grace = std::mem::take(&mut *self.grace_users.borrow_mut());
         grace.retain(|u| {
             router::expire_grace(self, u, now);
             let mut state = u.borrow_mut();
-            if state.is_empty() {
+            if state.is_empty(settled) {
                 let name = state.user.clone();
                 state.in_grace_list = false;
                 drop(state);
-                let mut users = self.users.borrow_mut();
                 // Only if the map still holds this very state (not a newer one of the user).
-                if users.get(&name).is_some_and(|cur| Rc::ptr_eq(cur, u)) {
-                    users.remove(&name);
-                }
+                self.drop_user(&name, u);
                 return false;
             }
             state.in_grace_list = state.has_agent_in_grace();
             state.in_grace_list
         });
         self.grace_users.borrow_mut().append(&mut grace);
+        // History, closed sessions and mail expire; users with nothing left leave memory.
+        let mut idle = Vec::new();
+        for u in self.users.borrow().values() {
+            let Ok(mut state) = u.try_borrow_mut() else { continue };
+            crate::resume::sweep(self, &mut state, unix);
+            if !state.in_grace_list && state.is_empty(settled) {
+                idle.push((state.user.clone(), u.clone()));
+            }
+        }
+        for (name, u) in idle {
+            self.drop_user(&name, &u);
+        }
         self.flush_dirty();
         self.stats.outbound_bytes.set(outbound as i64);
         self.metrics.publish(&self.stats, self.global.inboxes[self.idx].depth());
@@ -228,7 +312,15 @@ impl ShardCtx {
         self.flush_dirty();
         while !self.conns.borrow().is_empty() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(20)).await;
+            self.check_commits();
             self.sweep();
+        }
+        // Everything sent is with the writer, which commits it all before the process exits:
+        // every stream may be marked clean.
+        for u in self.users.borrow().values() {
+            if let Ok(mut state) = u.try_borrow_mut() {
+                crate::resume::release_all(self, &mut state);
+            }
         }
     }
 }
@@ -276,10 +368,11 @@ pub async fn shard_main(
                 }
             }
         }
+        ctx.check_commits();
         ctx.flush_dirty();
         poll_fn(|cx| {
             bell.register(cx.waker());
-            if rx.is_empty() {
+            if rx.is_empty() && !ctx.commits_pending() {
                 Poll::Pending
             } else {
                 Poll::Ready(())

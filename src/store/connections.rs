@@ -155,22 +155,38 @@ pub struct ConnectionFilter {
 
 /// How many connection records the writer keeps: it deletes the oldest beyond `max_records`
 /// and those opened more than `max_age_secs` ago, checking every `check_interval`.
+///
+/// And how long the offline-delivery records live (see [`Store::prune_durable`]): history
+/// entries and closed sessions `history_ttl_secs`, mailbox entries `mailbox_ttl_secs`; 0 keeps
+/// them forever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionPolicy {
     pub max_records: u64,
     pub max_age_secs: u64,
     pub check_interval: Duration,
+    pub history_ttl_secs: u64,
+    pub mailbox_ttl_secs: u64,
 }
 
 impl RetentionPolicy {
     /// The bounds from the `[records]` config section, checked every
     /// [`RETENTION_CHECK_INTERVAL`].
+    /// Offline-delivery records are kept forever: see [`with_durable`](Self::with_durable).
     pub fn new(max_records: u64, max_age_days: u64) -> RetentionPolicy {
         RetentionPolicy {
             max_records,
             max_age_secs: max_age_days.saturating_mul(86_400),
             check_interval: RETENTION_CHECK_INTERVAL,
+            history_ttl_secs: 0,
+            mailbox_ttl_secs: 0,
         }
+    }
+
+    /// The same policy, expiring history entries and closed sessions after `history_ttl_secs`
+    /// (`history.ttl_secs`) and mailbox entries after `mailbox_ttl_secs` (`mailbox.ttl_secs`);
+    /// 0 = never.
+    pub fn with_durable(self, history_ttl_secs: u64, mailbox_ttl_secs: u64) -> RetentionPolicy {
+        RetentionPolicy { history_ttl_secs, mailbox_ttl_secs, ..self }
     }
 }
 

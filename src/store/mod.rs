@@ -2,8 +2,10 @@
 //!
 //! Owns: the only code that knows heed/LMDB — the `agents`, `agents_by_user` and `meta`
 //! databases, the connection records (`connections`, see `connections.rs`) and their on-disk
-//! encoding; the daemon's writer thread ([`spawn_writer_with`]) and its
-//! retention of connection records; the revocation watch ([`spawn_revocation_watcher`]); the data-dir lock ([`DataDirLock`]); the
+//! encoding; the durable offline-delivery records (`streams`, `history`, `mailboxes`, `mailbox`,
+//! `closed_sessions`, see `durable.rs`) and [`Store::load_user`]; the daemon's writer thread
+//! ([`spawn_writer_with`]), its commit notifications ([`WriterHandle::send_durable`]) and its
+//! retention of connection and durable records; the revocation watch ([`spawn_revocation_watcher`]); the data-dir lock ([`DataDirLock`]); the
 //! generated JWT key file ([`ensure_jwt_key`]) and secret files ([`read_secret_file`]).
 //!
 //! Must stay true:
@@ -19,12 +21,20 @@
 //!   transaction, which is how the daemon notices a revocation.
 //! - The writer re-reads every record inside its own write transaction, so it never undoes a
 //!   revocation committed by the CLI in between.
+//! - Offline delivery (stream history, mailboxes, closed sessions) is written only by the writer
+//!   thread, through [`WriterHandle::send_durable`] when the shard must know the op is committed
+//!   (it learns through [`WriterHandle::settled`] / [`WriterHandle::take_failed`], never through
+//!   a message that could be lost), and read by a shard only with [`Store::load_user`] (one read
+//!   transaction). Every key of those records starts with `user \0`: one user's records never
+//!   show up in another user's load (not even a user whose id extends this one's).
+//! - Frames stored for offline delivery come back byte-exact; they are never decoded here.
 //! - Secrets (HMAC agent secrets, the JWT key) never appear in `Debug` output or in
 //!   [`StoreError`] messages. Decoding errors are reported without the decoded text.
 //! - On-disk records are versioned JSON (`"v":1`); `meta.schema_version` refuses a data dir
 //!   written by a newer schema.
 
 mod connections;
+mod durable;
 mod files;
 mod watch;
 mod writer;
@@ -33,10 +43,14 @@ pub use connections::{
     ConnectionFilter, ConnectionRecord, PruneOutcome, RetentionPolicy, Role, DEFAULT_MAX_AGE_DAYS,
     DEFAULT_MAX_RECORDS, MAX_REMOTE_BYTES, RETENTION_CHECK_INTERVAL, RETENTION_MAX_DELETES,
 };
+pub use durable::{
+    DurablePruneOutcome, DurableUser, SessionClosed, StoredEntry, StoredMail, StoredMailbox, StoredSession,
+    StoredStream, StreamKey, StreamMark, Ticket,
+};
 pub use files::{ensure_jwt_key, read_jwt_key, read_secret_file, DataDirLock, JWT_KEY_FILE, LOCK_FILE};
 pub use watch::spawn_revocation_watcher;
 pub use writer::{
-    spawn_writer, spawn_writer_with, WriteOp, WriterHandle, WriterStats, WRITER_BATCH_MAX,
+    spawn_writer, spawn_writer_with, WriteOp, WriterHandle, WriterStats, MAX_TICKET_SHARDS, WRITER_BATCH_MAX,
     WRITER_BATCH_WINDOW, WRITER_QUEUE_CAPACITY,
 };
 
@@ -364,6 +378,8 @@ type AgentsDb = Database<'static, Str, Bytes>;
 type IndexDb = Database<'static, Bytes, Unit>;
 type MetaDb = Database<'static, Str, Bytes>;
 type ConnsDb = Database<'static, Bytes, Bytes>;
+/// The durable offline-delivery tables (see `durable.rs`): raw keys, raw values.
+type RawDb = Database<'static, Bytes, Bytes>;
 
 struct Inner {
     env: Env<WithoutTls>,
@@ -371,6 +387,11 @@ struct Inner {
     by_user: IndexDb,
     meta: MetaDb,
     conns: ConnsDb,
+    streams: RawDb,
+    history: RawDb,
+    mailboxes: RawDb,
+    mailbox: RawDb,
+    closed_sessions: RawDb,
     dir: PathBuf,
 }
 
@@ -414,6 +435,13 @@ impl Store {
             let by_user: Database<Bytes, Unit> = dbo.create_database(wtxn, Some("agents_by_user"))?;
             let meta: Database<Str, Bytes> = dbo.create_database(wtxn, Some("meta"))?;
             let conns: Database<Bytes, Bytes> = dbo.create_database(wtxn, Some("connections"))?;
+            let durable: [Database<Bytes, Bytes>; 5] = [
+                dbo.create_database(wtxn, Some("streams"))?,
+                dbo.create_database(wtxn, Some("history"))?,
+                dbo.create_database(wtxn, Some("mailboxes"))?,
+                dbo.create_database(wtxn, Some("mailbox"))?,
+                dbo.create_database(wtxn, Some("closed_sessions"))?,
+            ];
             match meta.get(wtxn, META_SCHEMA)? {
                 None => meta.put(wtxn, META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?,
                 Some(v) => {
@@ -423,15 +451,28 @@ impl Store {
                     }
                 }
             }
-            Ok(CommitOrAbort::Commit((agents, by_user, meta, conns)))
+            Ok(CommitOrAbort::Commit((agents, by_user, meta, conns, durable)))
         })?;
-        let (agents, by_user, meta, conns) = match created {
+        let (agents, by_user, meta, conns, durable) = match created {
             CommitOrAbort::Commit(dbs) => dbs,
             CommitOrAbort::Abort(found) => {
                 return Err(StoreError::NewerSchema { path: canonical, found, known: SCHEMA_VERSION })
             }
         };
-        let inner = Arc::new(Inner { env, agents, by_user, meta, conns, dir: canonical.clone() });
+        let [streams, history, mailboxes, mailbox, closed_sessions] = durable;
+        let inner = Arc::new(Inner {
+            env,
+            agents,
+            by_user,
+            meta,
+            conns,
+            streams,
+            history,
+            mailboxes,
+            mailbox,
+            closed_sessions,
+            dir: canonical.clone(),
+        });
         open.insert(canonical, Arc::downgrade(&inner));
         Ok(Store { inner })
     }
@@ -617,11 +658,12 @@ impl Store {
     ///
     /// This is the writer thread's commit, public for benches and tests: a shard must never call
     /// it (it blocks on LMDB's writer lock and an fsync); shards use [`WriterHandle::send`].
-    /// Ops for unknown agents or connections, and malformed records, are skipped. Each touched
-    /// agent record is read and written once.
+    /// Ops for unknown agents or connections, and malformed records, are skipped. Ops apply in
+    /// order; each touched agent record, stream meta and mailbox meta is read and written once.
     pub fn apply_batch(&self, ops: &[WriteOp]) -> Result<BatchOutcome> {
         let mut wtxn = self.inner.env.write_txn()?;
-        let mut touched: HashMap<&str, Option<AgentRecord>> = HashMap::with_capacity(ops.len());
+        let mut touched: HashMap<&str, Option<AgentRecord>> = HashMap::new();
+        let mut durable = durable::DurableBatch::default();
         let mut outcome = BatchOutcome::default();
         for op in ops {
             if let WriteOp::Probe { at } = op {
@@ -630,6 +672,7 @@ impl Store {
                 continue;
             }
             let applied = match op.agent_id() {
+                None if op.is_durable() => durable.apply(self, &mut wtxn, op)?,
                 None => connections::apply_in(self, &mut wtxn, op)?,
                 Some(id) => {
                     let slot = match touched.entry(id) {
@@ -666,6 +709,7 @@ impl Store {
                 self.inner.agents.put(&mut wtxn, id, &encode_record(rec))?;
             }
         }
+        durable.finish(self, &mut wtxn)?;
         wtxn.commit()?;
         Ok(outcome)
     }

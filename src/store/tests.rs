@@ -655,6 +655,8 @@ fn writer_enforces_retention_and_commits_connection_ops() {
         max_records: 10,
         max_age_secs: u64::MAX,
         check_interval: Duration::from_millis(20),
+        history_ttl_secs: 0,
+        mailbox_ttl_secs: 0,
     };
     let writer = spawn_writer_with(store.clone(), policy);
     let now = unix_now();

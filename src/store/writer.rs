@@ -1,28 +1,45 @@
-//! The daemon's one writer thread: group-commits agent statistics and connection records sent by
-//! the shards, and enforces the connection records' retention.
+//! The daemon's one writer thread: group-commits agent statistics, connection records and the
+//! offline-delivery records (history, mailboxes, closed sessions) sent by the shards, tells the
+//! shards which of their ticketed ops are committed, and enforces retention.
 //!
 //! Must stay true:
-//! - [`WriterHandle::send`] never blocks and never allocates beyond the op itself: a bounded
-//!   channel and `try_send`; when full it returns `false` and the op is lost (statistics only).
+//! - [`WriterHandle::send`] and [`WriterHandle::send_durable`] never block and never allocate
+//!   beyond the op itself: a bounded channel and `try_send`; when full they return `false` and
+//!   the op is lost (the caller of `send_durable` must treat that as "not stored").
 //! - One batch = one write transaction = one commit: block for the first op, then gather up to
 //!   [`WRITER_BATCH_MAX`] more or until [`WRITER_BATCH_WINDOW`] has passed.
 //! - [`WriterHandle::shutdown`] commits everything queued before it returns.
 //! - A failed commit loses that batch only; the thread keeps going and counts the error.
+//! - Every op queued with a [`Ticket`] is settled exactly once, after its batch's commit attempt
+//!   (shutdown and drain included): if the commit failed its `n` is pushed to the shard's failed
+//!   list first, then the shard's `settled` is raised (a monotonic max, `Release`) to the
+//!   highest `n` of that shard in the batch, then the shard's waker (if registered) is woken.
+//!   So a shard that reads [`WriterHandle::settled`] and then [`WriterHandle::take_failed`]
+//!   knows the fate of every ticket up to `settled`: committed unless taken as failed. No
+//!   message carries this, so none can be lost.
+//! - Tickets of one shard are settled in `n` order only if the shard sends them in `n` order
+//!   from one thread (queue order is commit order).
 //! - Ops are committed in the order they were queued: once [`WriterStats::ops`] (plus
 //!   [`WriterStats::lost_ops`]) reaches n, the first n ops queued have been handled.
 //! - Retention runs between batches, at most every [`RetentionPolicy::check_interval`] (sooner
-//!   while a backlog remains), deleting at most [`RETENTION_MAX_DELETES`] rows per transaction.
+//!   while a backlog remains), deleting at most [`RETENTION_MAX_DELETES`] connection rows and
+//!   [`RETENTION_MAX_DELETES`] offline-delivery rows per transaction.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
-use super::{unix_now, AgentRecord, ConnectionRecord, RetentionPolicy, Store, RETENTION_MAX_DELETES};
+use super::{
+    unix_now, AgentRecord, ConnectionRecord, RetentionPolicy, SessionClosed, Store, StreamKey, Ticket,
+    RETENTION_MAX_DELETES,
+};
 
 /// How long a failed commit keeps `/readyz` red (seconds).
 pub const PROBE_ERROR_WINDOW: u64 = 30;
@@ -35,6 +52,10 @@ pub const WRITER_BATCH_MAX: usize = 1024;
 pub const WRITER_BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// Pause between retention passes while a backlog remains (lets batches through in between).
 const RETENTION_BACKLOG_PAUSE: Duration = Duration::from_millis(20);
+/// Shards whose tickets the writer tracks: [`Ticket::shard`] must be below this.
+pub const MAX_TICKET_SHARDS: usize = SLOT_CHUNK * SLOT_CHUNKS;
+const SLOT_CHUNK: usize = 64;
+const SLOT_CHUNKS: usize = 64;
 
 /// What a shard asks the writer to commit. Times are Unix seconds.
 ///
@@ -48,6 +69,13 @@ const RETENTION_BACKLOG_PAUSE: Duration = Duration::from_millis(20);
 /// `ConnectionSeen` now and then, `ConnectionClosed` once at the end. An op for a connection with
 /// no record (never opened, the open was dropped, or retention deleted it) is skipped; so is a
 /// second `ConnectionOpened` with the same `conn_id` and `opened`.
+///
+/// Offline-delivery ops (spec §8) maintain a stream's history, an agent's mailbox and the
+/// closed sessions; read them back with [`Store::load_user`]. Send them with
+/// [`WriterHandle::send_durable`] to learn when they are committed. They are skipped (counted)
+/// when a key part is malformed: the user empty, over 128 bytes or containing NUL; the agent,
+/// session, epoch, `to` or `from` not a relay id ([`crate::ids::is_valid_id`]). Shared strings
+/// are `Arc`s and frames [`Bytes`], so a shard's clone is a refcount.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
     /// Sets `last_connected` (and `last_seen`).
@@ -88,6 +116,40 @@ pub enum WriteOp {
         bytes_out: u64,
         close_code: Option<u16>,
     },
+    /// Appends message `seq` to a stream's history. If the stream has no meta or another
+    /// epoch, its history is deleted first and its meta restarted as `{epoch, last_seq: seq,
+    /// clean: false}`; else `last_seq` is raised to `seq`. Then the stream's entries with
+    /// `seq < trim_below` are deleted (0: none).
+    HistoryAppend {
+        key: Arc<StreamKey>,
+        epoch: Arc<str>,
+        seq: u64,
+        at: u64,
+        /// The session it is addressed to; `None` for a broadcast.
+        to: Option<Arc<str>>,
+        /// The frame as sent, stored byte-exact.
+        frame: Bytes,
+        trim_below: u64,
+    },
+    /// `clean: false` (a lease): marks the stream dirty if it has a meta (any epoch).
+    /// `clean: true`: if the meta has this epoch, `clean = (last_seq == through)`; otherwise
+    /// skipped. Also skipped (nothing to mark) when the stream has no meta.
+    StreamMark { key: Arc<StreamKey>, epoch: Arc<str>, clean: bool, through: u64 },
+    /// Deletes the stream's entries with `seq < below`, if its meta has this epoch (else skipped).
+    HistoryTrim { key: Arc<StreamKey>, epoch: Arc<str>, below: u64 },
+    /// Stores message `seq` in an agent's mailbox (`key.agent`) and raises the mailbox's
+    /// `last_seq` (a new mailbox starts at `{last_seq: seq, acked: 0}`). Skipped when
+    /// `seq <= acked` (already confirmed).
+    MailboxPut { key: Arc<StreamKey>, seq: u64, at: u64, from: Arc<str>, frame: Bytes },
+    /// The agent confirmed everything through `through`: deletes those entries and raises
+    /// `acked` — to at most the mailbox's `last_seq`, so a confirmation beyond what is stored
+    /// never swallows a later message. Skipped when the mailbox has no meta.
+    MailboxDrop { key: Arc<StreamKey>, through: u64 },
+    /// Stores (or overwrites) a closed, resumable session under `(user, session.session)`.
+    SessionClosed(Box<SessionClosed>),
+    /// Deletes a closed session (it was resumed, or is no longer resumable). Skipped when none
+    /// is stored.
+    SessionForget { user: Box<str>, session: Box<str> },
 }
 
 impl WriteOp {
@@ -97,11 +159,22 @@ impl WriteOp {
             WriteOp::AgentConnected { agent_id, .. }
             | WriteOp::AgentSeen { agent_id, .. }
             | WriteOp::AgentDisconnected { agent_id, .. } => Some(agent_id),
-            WriteOp::ConnectionOpened(_)
-            | WriteOp::ConnectionSeen { .. }
-            | WriteOp::ConnectionClosed { .. }
-            | WriteOp::Probe { .. } => None,
+            _ => None,
         }
+    }
+
+    /// Whether this is an offline-delivery op (history, mailbox, closed session).
+    pub fn is_durable(&self) -> bool {
+        matches!(
+            self,
+            WriteOp::HistoryAppend { .. }
+                | WriteOp::StreamMark { .. }
+                | WriteOp::HistoryTrim { .. }
+                | WriteOp::MailboxPut { .. }
+                | WriteOp::MailboxDrop { .. }
+                | WriteOp::SessionClosed(_)
+                | WriteOp::SessionForget { .. }
+        )
     }
 
     /// The connection a connection op is for; `None` for agent ops.
@@ -129,16 +202,15 @@ impl WriteOp {
                 rec.last_disconnected = Some(at);
                 seen(rec, at);
             }
-            WriteOp::ConnectionOpened(_)
-            | WriteOp::ConnectionSeen { .. }
-            | WriteOp::ConnectionClosed { .. }
-            | WriteOp::Probe { .. } => {}
+            _ => {}
         }
     }
 }
 
 enum Msg {
     Op(WriteOp),
+    /// An op whose commit the shard `ticket.shard` wants to hear about.
+    Durable(WriteOp, Ticket),
     /// Commit what is queued before this, then signal.
     Flush(Sender<()>),
     /// Commit everything queued, then exit.
@@ -167,9 +239,16 @@ pub struct WriterStats {
     pub lost_ops: u64,
     /// Connection records deleted by retention.
     pub pruned: u64,
+    /// History entries deleted by retention (older than `history_ttl_secs`).
+    pub expired_history: u64,
+    /// Mailbox entries deleted by retention (older than `mailbox_ttl_secs`).
+    pub expired_mail: u64,
+    /// Closed sessions deleted by retention (closed more than `history_ttl_secs` ago).
+    pub expired_sessions: u64,
     /// Retention passes that failed (retried at the next interval).
     pub prune_errors: u64,
-    /// Ops refused by [`WriterHandle::send`] (queue full or writer shut down).
+    /// Ops refused by [`WriterHandle::send`] or [`WriterHandle::send_durable`] (queue full,
+    /// writer shut down, or a ticket's shard not below [`MAX_TICKET_SHARDS`]).
     pub dropped: u64,
     /// Ops waiting in the queue now (a gauge).
     pub queued: u64,
@@ -187,12 +266,96 @@ struct Counters {
     last_error_at: AtomicU64,
     lost_ops: AtomicU64,
     pruned: AtomicU64,
+    expired_history: AtomicU64,
+    expired_mail: AtomicU64,
+    expired_sessions: AtomicU64,
     prune_errors: AtomicU64,
     dropped: AtomicU64,
 }
 
+/// One shard's commit notifications.
+#[derive(Default)]
+struct ShardSlot {
+    /// Highest ticket `n` whose batch's commit was attempted.
+    settled: AtomicU64,
+    /// Whether `failed` may be non-empty (lets [`WriterHandle::take_failed`] skip the lock).
+    has_failed: AtomicBool,
+    failed: Mutex<Vec<u64>>,
+}
+
+/// The writer's side of the tickets: per-shard slots, allocated 64 shards at a time on first use
+/// (reads never lock), and the shards' wakers.
+struct Settlement {
+    chunks: [OnceLock<Box<[ShardSlot]>>; SLOT_CHUNKS],
+    wakers: Mutex<Arc<[Arc<AtomicWaker>]>>,
+}
+
+impl Default for Settlement {
+    fn default() -> Self {
+        Settlement { chunks: std::array::from_fn(|_| OnceLock::new()), wakers: Mutex::new(Arc::new([])) }
+    }
+}
+
+impl Settlement {
+    fn slot(&self, shard: usize) -> Option<&ShardSlot> {
+        self.chunks.get(shard / SLOT_CHUNK)?.get().map(|chunk| &chunk[shard % SLOT_CHUNK])
+    }
+
+    fn slot_or_create(&self, shard: usize) -> Option<&ShardSlot> {
+        let chunk = self.chunks.get(shard / SLOT_CHUNK)?;
+        let chunk = chunk.get_or_init(|| (0..SLOT_CHUNK).map(|_| ShardSlot::default()).collect());
+        Some(&chunk[shard % SLOT_CHUNK])
+    }
+
+    /// The bookkeeping after one commit attempt of a batch holding `tickets` (in queue order):
+    /// failures first, then `settled`, then the wakes (see the module header).
+    fn settle(&self, tickets: &[Ticket], committed: bool) {
+        if tickets.is_empty() {
+            return;
+        }
+        // (shard, highest n in this batch), in order of first appearance: a handful of shards.
+        let mut highest: Vec<(usize, u64)> = Vec::new();
+        for t in tickets {
+            match highest.iter_mut().find(|(shard, _)| *shard == t.shard) {
+                Some((_, n)) => *n = (*n).max(t.n),
+                None => highest.push((t.shard, t.n)),
+            }
+        }
+        for &(shard, n) in &highest {
+            let Some(slot) = self.slot_or_create(shard) else { continue };
+            if !committed {
+                let mut failed = slot.failed.lock().unwrap_or_else(PoisonError::into_inner);
+                failed.extend(tickets.iter().filter(|t| t.shard == shard).map(|t| t.n));
+                slot.has_failed.store(true, Release);
+            }
+            slot.settled.fetch_max(n, Release);
+        }
+        let wakers = self.wakers.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        for &(shard, _) in &highest {
+            if let Some(waker) = wakers.get(shard) {
+                waker.wake();
+            }
+        }
+    }
+
+    fn settled(&self, shard: usize) -> u64 {
+        self.slot(shard).map_or(0, |slot| slot.settled.load(Acquire))
+    }
+
+    fn take_failed(&self, shard: usize) -> Vec<u64> {
+        let Some(slot) = self.slot(shard) else { return Vec::new() };
+        if !slot.has_failed.load(Acquire) {
+            return Vec::new();
+        }
+        let mut failed = slot.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.has_failed.store(false, Relaxed);
+        std::mem::take(&mut *failed)
+    }
+}
+
 struct Shared {
     counters: Counters,
+    settlement: Settlement,
     closed: AtomicBool,
     /// Set by the writer thread when it stops reading the queue.
     exited: AtomicBool,
@@ -231,6 +394,7 @@ pub fn spawn_writer_with(store: Store, retention: RetentionPolicy) -> WriterHand
     let (tx, rx) = crossbeam_channel::bounded(WRITER_QUEUE_CAPACITY);
     let shared = Arc::new(Shared {
         counters: Counters::default(),
+        settlement: Settlement::default(),
         closed: AtomicBool::new(false),
         exited: AtomicBool::new(false),
         join: Mutex::new(None),
@@ -239,7 +403,7 @@ pub fn spawn_writer_with(store: Store, retention: RetentionPolicy) -> WriterHand
     let join = std::thread::Builder::new()
         .name("sb-store-writer".into())
         .spawn(move || {
-            run(&store, &rx, &thread_shared.counters, &retention);
+            run(&store, &rx, &thread_shared, &retention);
             thread_shared.exited.store(true, Release);
         })
         .expect("spawning the store writer thread");
@@ -258,6 +422,49 @@ impl WriterHandle {
         false
     }
 
+    /// Queue `op` like [`send`](Self::send) (never blocks; `false` when refused, counted in
+    /// [`WriterStats::dropped`]), and settle `ticket` after the commit attempt of its batch.
+    ///
+    /// The shard then learns the outcome without any message: after a wake (or at any time) it
+    /// reads [`settled`](Self::settled) **first**, then [`take_failed`](Self::take_failed):
+    /// every ticket of that shard with `n <= settled` was attempted, and it failed exactly when
+    /// its `n` was taken from `take_failed` (now or earlier; a failed `n` may be taken before
+    /// `settled` reaches it). `ticket.n` must strictly increase per shard in send order; an
+    /// `n` whose send returned `false` is never settled. Refused when `ticket.shard` is not
+    /// below [`MAX_TICKET_SHARDS`].
+    pub fn send_durable(&self, op: WriteOp, ticket: Ticket) -> bool {
+        if ticket.shard < MAX_TICKET_SHARDS
+            && !self.shared.closed.load(Relaxed)
+            && self.tx.try_send(Msg::Durable(op, ticket)).is_ok()
+        {
+            return true;
+        }
+        self.shared.counters.dropped.fetch_add(1, Relaxed);
+        false
+    }
+
+    /// Register the shards' wakers (index = shard), woken after each commit attempt that settled
+    /// tickets of that shard. Called once by the server after creating the shards' channels (a
+    /// second call replaces the list). A shard registers its task's waker, then reads
+    /// [`settled`](Self::settled), so no settlement goes unnoticed. Tickets of shards without a
+    /// waker are settled all the same.
+    pub fn set_wakers(&self, wakers: Vec<Arc<AtomicWaker>>) {
+        *self.shared.settlement.wakers.lock().unwrap_or_else(PoisonError::into_inner) = wakers.into();
+    }
+
+    /// The highest ticket `n` of `shard` whose commit was attempted (0 before any, or for a
+    /// shard that never sent one). Monotonic. Cheap: one atomic load, no lock.
+    pub fn settled(&self, shard: usize) -> u64 {
+        self.shared.settlement.settled(shard)
+    }
+
+    /// The `n` of `shard`'s tickets whose commit failed since the last call, in send order (the
+    /// ops are lost). Read [`settled`](Self::settled) before calling this. Cheap when there are
+    /// none (one atomic load).
+    pub fn take_failed(&self, shard: usize) -> Vec<u64> {
+        self.shared.settlement.take_failed(shard)
+    }
+
     /// Readiness of the store (`/readyz`): a marker committed through the writer, and no
     /// batch lost to a failed commit in the last [`PROBE_ERROR_WINDOW`] (a full map or disk
     /// refuses records long before it refuses an 8-byte marker).
@@ -268,7 +475,8 @@ impl WriterHandle {
         self.send(WriteOp::Probe { at: super::unix_now() }) && self.flush() && !recent_error
     }
 
-    /// Block until everything queued before this call is committed (tests, `/readyz`, drain).
+    /// Block until everything queued before this call is committed (tests, `/readyz`, drain),
+    /// and the tickets of those ops settled.
     /// `false` if the writer is gone, or if a commit failed while waiting (then some of what was
     /// queued before may be lost).
     pub fn flush(&self) -> bool {
@@ -291,8 +499,9 @@ impl WriterHandle {
         }
     }
 
-    /// Commit everything queued and join the thread. Call once, from the daemon's shutdown; other
-    /// clones become inert (their `send` returns `false`).
+    /// Commit everything queued, settle every ticket queued, and join the thread. Call once, from
+    /// the daemon's shutdown, after the shards have stopped sending; other clones become inert
+    /// (their `send` and `send_durable` return `false`).
     pub fn shutdown(self) {
         self.shared.closed.store(true, Relaxed);
         let join = self.shared.join.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -318,6 +527,9 @@ impl WriterHandle {
             commit_errors: c.commit_errors.load(Relaxed),
             lost_ops: c.lost_ops.load(Relaxed),
             pruned: c.pruned.load(Relaxed),
+            expired_history: c.expired_history.load(Relaxed),
+            expired_mail: c.expired_mail.load(Relaxed),
+            expired_sessions: c.expired_sessions.load(Relaxed),
             prune_errors: c.prune_errors.load(Relaxed),
             dropped: c.dropped.load(Relaxed),
             queued: self.tx.len() as u64,
@@ -342,8 +554,21 @@ enum Next {
     Exit,
 }
 
-fn run(store: &Store, rx: &Receiver<Msg>, counters: &Counters, retention: &RetentionPolicy) {
-    let mut batch: Vec<WriteOp> = Vec::with_capacity(WRITER_BATCH_MAX + 1);
+/// The ops gathered for one commit, and the tickets among them (queue order).
+struct Batch {
+    ops: Vec<WriteOp>,
+    tickets: Vec<Ticket>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+fn run(store: &Store, rx: &Receiver<Msg>, shared: &Shared, retention: &RetentionPolicy) {
+    let counters = &shared.counters;
+    let mut batch = Batch { ops: Vec::with_capacity(WRITER_BATCH_MAX + 1), tickets: Vec::new() };
     let mut flushes: Vec<Sender<()>> = Vec::new();
     // The first retention pass runs at start (bounds may have been lowered since the last run).
     let mut next_retention = Instant::now();
@@ -369,7 +594,7 @@ fn run(store: &Store, rx: &Receiver<Msg>, counters: &Counters, retention: &Reten
                 }
             }
         }
-        commit(store, &mut batch, counters);
+        commit(store, &mut batch, shared);
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
@@ -377,7 +602,7 @@ fn run(store: &Store, rx: &Receiver<Msg>, counters: &Counters, retention: &Reten
             Next::Continue => {}
             Next::Exit => return,
             Next::Drain => {
-                drain(store, rx, &mut batch, counters);
+                drain(store, rx, &mut batch, shared);
                 return;
             }
         }
@@ -389,32 +614,57 @@ fn run(store: &Store, rx: &Receiver<Msg>, counters: &Counters, retention: &Reten
 
 /// One retention pass; returns when the next one is due.
 fn retain(store: &Store, retention: &RetentionPolicy, counters: &Counters) -> Instant {
-    let pause = match store.prune_connections(retention, unix_now(), RETENTION_MAX_DELETES) {
+    let now = unix_now();
+    let mut more = false;
+    match store.prune_connections(retention, now, RETENTION_MAX_DELETES) {
         Ok(outcome) => {
             counters.pruned.fetch_add(outcome.deleted as u64, Relaxed);
             if outcome.deleted > 0 {
                 tracing::debug!(deleted = outcome.deleted, more = outcome.more, "store retention pass");
             }
-            if outcome.more {
-                RETENTION_BACKLOG_PAUSE
-            } else {
-                retention.check_interval
-            }
+            more |= outcome.more;
         }
         Err(e) => {
             counters.prune_errors.fetch_add(1, Relaxed);
             tracing::error!(error = %e, "store retention: pass failed");
-            retention.check_interval
         }
-    };
-    Instant::now() + pause
+    }
+    if retention.history_ttl_secs > 0 || retention.mailbox_ttl_secs > 0 {
+        match store.prune_durable(retention, now, RETENTION_MAX_DELETES) {
+            Ok(o) => {
+                counters.expired_history.fetch_add(o.history as u64, Relaxed);
+                counters.expired_mail.fetch_add(o.mail as u64, Relaxed);
+                counters.expired_sessions.fetch_add(o.sessions as u64, Relaxed);
+                if o.history + o.mail + o.sessions > 0 {
+                    tracing::debug!(
+                        history = o.history,
+                        mail = o.mail,
+                        sessions = o.sessions,
+                        more = o.more,
+                        "store retention pass (offline delivery)"
+                    );
+                }
+                more |= o.more;
+            }
+            Err(e) => {
+                counters.prune_errors.fetch_add(1, Relaxed);
+                tracing::error!(error = %e, "store retention: offline-delivery pass failed");
+            }
+        }
+    }
+    Instant::now() + if more { RETENTION_BACKLOG_PAUSE } else { retention.check_interval }
 }
 
 /// Take one message into the batch; returns whether to keep waiting for more.
-fn accept(msg: Msg, batch: &mut Vec<WriteOp>, flushes: &mut Vec<Sender<()>>, next: &mut Next) -> bool {
+fn accept(msg: Msg, batch: &mut Batch, flushes: &mut Vec<Sender<()>>, next: &mut Next) -> bool {
     match msg {
         Msg::Op(op) => {
-            batch.push(op);
+            batch.ops.push(op);
+            true
+        }
+        Msg::Durable(op, ticket) => {
+            batch.ops.push(op);
+            batch.tickets.push(ticket);
             true
         }
         Msg::Flush(done) => {
@@ -428,32 +678,37 @@ fn accept(msg: Msg, batch: &mut Vec<WriteOp>, flushes: &mut Vec<Sender<()>>, nex
     }
 }
 
-fn drain(store: &Store, rx: &Receiver<Msg>, batch: &mut Vec<WriteOp>, counters: &Counters) {
+fn drain(store: &Store, rx: &Receiver<Msg>, batch: &mut Batch, shared: &Shared) {
     loop {
         match rx.try_recv() {
-            Ok(Msg::Op(op)) => {
-                batch.push(op);
+            Ok(msg @ (Msg::Op(_) | Msg::Durable(..))) => {
+                let mut next = Next::Drain;
+                accept(msg, batch, &mut Vec::new(), &mut next);
                 if batch.len() > WRITER_BATCH_MAX {
-                    commit(store, batch, counters);
+                    commit(store, batch, shared);
                 }
             }
             Ok(Msg::Flush(done)) => {
-                commit(store, batch, counters);
+                commit(store, batch, shared);
                 let _ = done.send(());
             }
             Ok(Msg::Shutdown) => {}
             Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
         }
     }
-    commit(store, batch, counters);
+    commit(store, batch, shared);
 }
 
-fn commit(store: &Store, batch: &mut Vec<WriteOp>, counters: &Counters) {
-    if batch.is_empty() {
+/// Commit the batch (one transaction), then settle its tickets, whatever the outcome.
+fn commit(store: &Store, batch: &mut Batch, shared: &Shared) {
+    if batch.ops.is_empty() {
         return;
     }
+    let counters = &shared.counters;
     let started = Instant::now();
-    match store.apply_batch(batch) {
+    let result = store.apply_batch(&batch.ops);
+    let committed = result.is_ok();
+    match result {
         Ok(outcome) => {
             let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             counters.batches.fetch_add(1, Relaxed);
@@ -469,5 +724,7 @@ fn commit(store: &Store, batch: &mut Vec<WriteOp>, counters: &Counters) {
             tracing::error!(error = %e, ops = batch.len(), "store writer: commit failed, batch lost");
         }
     }
-    batch.clear();
+    shared.settlement.settle(&batch.tickets, committed);
+    batch.ops.clear();
+    batch.tickets.clear();
 }
