@@ -424,3 +424,38 @@ fn under_agent_disconnect_cycles_every_acked_message_arrives_at_least_once_in_or
         ck.redelivered
     );
 }
+
+#[test]
+fn a_send_to_an_agent_whose_connection_is_closing_is_not_acked_and_lost() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let mut c = d.client(&d.token("u1", &[], "1h"), Some(a.agent_id()));
+    let mut ag = d.agent(&a);
+    // The agent closes and reads the relay's close echo but keeps its socket open: the relay
+    // has processed the close and waits (up to 2 s) for the TCP end.
+    ag.ws.close();
+    match ag.recv(WAIT) {
+        Event::Close { .. } => {}
+        other => panic!("expected the close echo, got {other:?}"),
+    }
+    c.send(None, &json!("into the closing window"), Some("w")).unwrap();
+    let answer = client_next(&mut c);
+    drop(ag);
+    let mut ag = d.agent(&a);
+    let mut got = Vec::new();
+    ag.ws.ping().unwrap();
+    loop {
+        let f = agent_next(&mut ag);
+        if f.ty() == "pong" {
+            break;
+        }
+        got.push(f.value);
+    }
+    // Acked `queued:true` → delivered now; `offline` → never delivered. A plain ack would
+    // promise a delivery that cannot happen any more.
+    let delivered = got.iter().any(|m| m["data"] == json!("into the closing window"));
+    match (answer.ty(), answer.value.get("queued"), delivered) {
+        ("ack", Some(Value::Bool(true)), true) | ("error", _, false) => {}
+        _ => panic!("the client was answered {} and the agent then got {got:?}", answer.text),
+    }
+}

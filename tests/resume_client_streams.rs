@@ -147,6 +147,12 @@ struct Cycle {
     queued_gen: Option<usize>,
     /// Sessions the agent was told are closed.
     closed: HashSet<String>,
+    /// The client is about to close its session: the agent only broadcasts until the relay
+    /// reports the session closed (a send into the closing window is covered, and answered
+    /// inconsistently today, by `a_send_to_a_closing_session_is_answered_the_way_its_replay_behaves`).
+    closing: bool,
+    /// The agent has seen `closing` (no addressed send is in flight any more).
+    saw_closing: bool,
 }
 
 /// The client-side checker: every stream message exactly once, in order.
@@ -200,14 +206,15 @@ fn reconnect_cycles_under_continuous_agent_traffic_deliver_every_message_exactly
         std::thread::spawn(move || {
             let mut sent: Vec<(Value, bool)> = Vec::new();
             for i in 1.. {
-                let (gen, session) = {
-                    let s = shared.lock().unwrap();
+                let (gen, session, closing) = {
+                    let mut s = shared.lock().unwrap();
                     if s.stop {
                         break;
                     }
-                    (s.gen, s.session.clone())
+                    s.saw_closing = s.closing;
+                    (s.gen, s.session.clone(), s.closing)
                 };
-                let addressed = rng.below(2) == 0;
+                let addressed = rng.below(2) == 0 && !closing;
                 let data = json!({"i": i, "to": if addressed { json!(gen) } else { Value::Null }});
                 let id = format!("i{i}");
                 ag.send(addressed.then_some(session.as_str()), &data, Some(&id)).unwrap();
@@ -272,6 +279,9 @@ fn reconnect_cycles_under_continuous_agent_traffic_deliver_every_message_exactly
         }
         // Leave, sometimes reading what was already on the way, sometimes not (then it must
         // come again in the replay).
+        shared.lock().unwrap().closing = true;
+        eventually(WAIT, || shared.lock().unwrap().saw_closing.then_some(()))
+            .unwrap_or_else(|| panic!("incarnation {gen}: the agent never paused"));
         let (s, frames) = leave(c, rng.below(2) == 0);
         for f in frames {
             if f.ty() == "message" {
@@ -282,6 +292,11 @@ fn reconnect_cycles_under_continuous_agent_traffic_deliver_every_message_exactly
         }
         eventually(WAIT, || shared.lock().unwrap().closed.contains(&s).then_some(()))
             .unwrap_or_else(|| panic!("the agent never saw session {s} close"));
+        {
+            let mut sh = shared.lock().unwrap();
+            sh.closing = false;
+            sh.saw_closing = false;
+        }
         // Stay away until a message addressed to the closed session was kept for it.
         eventually(WAIT, || (shared.lock().unwrap().queued_gen >= Some(gen)).then_some(()))
             .unwrap_or_else(|| panic!("no send to closed session {s} was acked queued:true"));
@@ -590,4 +605,48 @@ fn replayed_and_kept_messages_never_cross_users() {
     expect_resumed(&mut unbound, a.agent_id(), false);
     assert_quiet(&mut unbound, CLIENT_NOISE);
     assert_quiet(&mut cb, CLIENT_NOISE);
+}
+
+#[test]
+fn a_send_to_a_closing_session_is_answered_the_way_its_replay_behaves() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let mut c = d.client(&t, Some(a.agent_id()));
+    agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
+    let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
+    // The client closes and reads the relay's close echo but keeps its socket open: the relay
+    // has processed the close and waits (up to 2 s) for the TCP end.
+    c.ws.close();
+    match c.recv(WAIT) {
+        switchboard::client::Event::Close { .. } => {}
+        other => panic!("expected the close echo, got {other:?}"),
+    }
+    ag.send(Some(&c.session), &json!("m2"), Some("2")).unwrap();
+    let answer = agent_next(&mut ag);
+    let old = c.session.clone();
+    drop(c);
+    await_session_event(&mut ag, &old, false);
+    let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(1), Some(&epoch), Some(&old)));
+    let mut replay = Vec::new();
+    let recovered = loop {
+        let f = client_next(&mut r);
+        match f.ty() {
+            "message" => replay.push(f.value.clone()),
+            "resumed" => break f.value["recovered"].clone(),
+            _ => panic!("unexpected {}", f.text),
+        }
+    };
+    let replayed = replay.iter().any(|m| m["data"] == json!("m2"));
+    // `offline` means not kept (spec §4.5: "not connected (and not queued)"); kept means
+    // acked `queued:true`. Either is consistent; an `offline` message that is replayed is not.
+    match (answer.value["type"].as_str(), answer.value.get("queued"), replayed) {
+        (Some("ack"), Some(Value::Bool(true)), true) | (Some("error"), _, false) => {}
+        _ => panic!(
+            "the agent was answered {} but the replay (recovered {recovered}) was {replay:?}",
+            answer.text
+        ),
+    }
+    assert_eq!(recovered, json!(true));
 }
