@@ -269,45 +269,69 @@ struct MailChecker {
     live: usize,
     /// No seq'd message seen yet on the current connection.
     fresh_conn: bool,
+    /// What the agent saw and did, for failure messages.
+    log: Vec<String>,
 }
 
 impl MailChecker {
+    fn note(&mut self, what: String) {
+        self.log.push(what);
+    }
+
+    #[track_caller]
+    fn check(&self, ok: bool, what: String) {
+        if !ok {
+            let tail = &self.log[self.log.len().saturating_sub(40)..];
+            panic!("{what}\nlast events seen by the agent:\n{}", tail.join("\n"));
+        }
+    }
+
     #[track_caller]
     fn take(&mut self, f: &switchboard::client::Frame) {
-        assert_eq!(f.ty(), "message", "{}", f.text);
-        assert_eq!(f.str("from"), self.from, "{}", f.text);
+        self.note(format!("  <- {}", f.text));
+        self.check(
+            f.ty() == "message" && f.str("from") == self.from,
+            format!("not a message from the client: {}", f.text),
+        );
         let data = f.value["data"].clone();
         match f.value.get("seq") {
             Some(_) => {
                 let (_, seq, _) = mailbox_msg(f);
-                assert!(
+                self.check(
                     seq > self.floor,
-                    "seq {seq} was confirmed (up to {}) before this connection: {}",
-                    self.floor,
-                    f.text
+                    format!("seq {seq} was confirmed (up to {}) before this connection", self.floor),
                 );
                 if self.fresh_conn && self.max_seq > self.floor {
-                    assert_eq!(seq, self.floor + 1, "redelivery starts at the first unconfirmed: {}", f.text);
+                    self.check(
+                        seq == self.floor + 1,
+                        format!(
+                            "redelivery starts at the first unconfirmed: confirmed {}, seen up to {}, got seq {seq}",
+                            self.floor, self.max_seq
+                        ),
+                    );
                 }
                 self.fresh_conn = false;
                 if seq <= self.max_seq {
-                    assert_eq!(self.by_seq.get(&seq), Some(&data), "a redelivered seq changed: {}", f.text);
+                    self.check(
+                        self.by_seq.get(&seq) == Some(&data),
+                        format!("a redelivered seq {seq} changed"),
+                    );
                     self.redelivered += 1;
                     return;
                 }
-                assert_eq!(seq, self.max_seq + 1, "seq is contiguous: after {} got {}", self.max_seq, f.text);
+                self.check(
+                    seq == self.max_seq + 1,
+                    format!("seq is contiguous: after {} got {seq}", self.max_seq),
+                );
                 self.max_seq = seq;
                 self.by_seq.insert(seq, data.clone());
             }
             None => self.live += 1,
         }
-        let n = data["n"].as_u64().unwrap_or_else(|| panic!("{}", f.text));
-        assert_eq!(
-            n,
-            self.delivered.len() as u64 + 1,
-            "in order, nothing lost: after {:?} got {}",
-            self.delivered.last(),
-            f.text
+        let n = data["n"].as_u64().unwrap_or(0);
+        self.check(
+            n == self.delivered.len() as u64 + 1,
+            format!("in order, nothing lost: after {:?} got n = {n}", self.delivered.last()),
         );
         self.delivered.push(n);
     }
@@ -367,6 +391,7 @@ fn under_agent_disconnect_cycles_every_acked_message_arrives_at_least_once_in_or
         redelivered: 0,
         live: 0,
         fresh_conn: true,
+        log: Vec::new(),
     };
     for cycle in 0..CYCLES {
         // Stay away until something was queued for this absence.
@@ -374,6 +399,7 @@ fn under_agent_disconnect_cycles_every_acked_message_arrives_at_least_once_in_or
         eventually(WAIT, || (shared.lock().unwrap().queued > before).then_some(()))
             .unwrap_or_else(|| panic!("cycle {cycle}: nothing was queued while the agent was away"));
         let mut ag = d.agent(&a);
+        ck.note(format!("connect (cycle {cycle}, confirmed {})", ck.confirmed));
         ck.fresh_conn = true;
         ck.floor = ck.confirmed;
         let want = 1 + rng.below(10);
@@ -386,13 +412,16 @@ fn under_agent_disconnect_cycles_every_acked_message_arrives_at_least_once_in_or
             1 if ck.max_seq > ck.confirmed => {
                 let upto = ck.confirmed + 1 + rng.below((ck.max_seq - ck.confirmed) as usize) as u64;
                 agent_ack(&mut ag, upto);
+                ck.note(format!("  -> ack {upto}"));
                 ck.confirmed = upto;
             }
             _ => {
                 agent_ack(&mut ag, ck.max_seq);
+                ck.note(format!("  -> ack {}", ck.max_seq));
                 ck.confirmed = ck.confirmed.max(ck.max_seq);
             }
         }
+        ck.note("  -> close".into());
         for f in close_and_drain(&mut ag) {
             if f.ty() != "session" {
                 ck.take(&f);
@@ -404,7 +433,9 @@ fn under_agent_disconnect_cycles_every_acked_message_arrives_at_least_once_in_or
     shared.lock().unwrap().stop = true;
     let sent = sender.join().expect("the client thread");
     let mut ag = d.agent(&a);
+    ck.note(format!("connect (final, confirmed {})", ck.confirmed));
     ck.fresh_conn = true;
+    ck.floor = ck.confirmed;
     while ck.delivered.len() < sent.len() {
         match ag.recv(WAIT) {
             Event::Frame(f) if f.ty() == "session" => {}
@@ -412,7 +443,20 @@ fn under_agent_disconnect_cycles_every_acked_message_arrives_at_least_once_in_or
             other => panic!("{} of {} delivered, then {other:?}", ck.delivered.len(), sent.len()),
         }
     }
+    // Everything arrived; redeliveries of what an earlier connection saw may still be on the
+    // way: confirm all, and read up to the pong that follows the confirmation.
     agent_ack(&mut ag, ck.max_seq);
+    ck.note(format!("  -> ack {}", ck.max_seq));
+    ag.ws.ping().unwrap();
+    loop {
+        let f = agent_next(&mut ag);
+        if f.ty() == "pong" {
+            break;
+        }
+        let before = ck.delivered.len();
+        ck.take(&f);
+        ck.check(ck.delivered.len() == before, format!("only redeliveries are left: {}", f.text));
+    }
     assert_quiet(&mut ag, AGENT_NOISE);
     let queued = sent.iter().filter(|(_, q)| *q).count();
     assert!(queued >= CYCLES, "every absence queued something ({queued})");
@@ -458,4 +502,21 @@ fn a_send_to_an_agent_whose_connection_is_closing_is_not_acked_and_lost() {
         ("ack", Some(Value::Bool(true)), true) | ("error", _, false) => {}
         _ => panic!("the client was answered {} and the agent then got {got:?}", answer.text),
     }
+}
+
+#[test]
+fn mailbox_messages_older_than_the_ttl_expire() {
+    let d = Daemon::with_config("[mailbox]\nttl_secs = 1\n");
+    let a = d.hmac_agent("u1", "a");
+    let mut c = d.client(&d.token("u1", &[], "1h"), Some(a.agent_id()));
+    queue(&mut c, None, &json!("stale"), "q1");
+    // Time has to pass for a message to grow old; 3 s is well beyond 1 s at second granularity.
+    std::thread::sleep(Duration::from_secs(3));
+    queue(&mut c, None, &json!("fresh"), "q2");
+    let mut ag = d.agent(&a);
+    let f = agent_next(&mut ag);
+    let (from, seq, data) = mailbox_msg(&f);
+    assert_eq!((from.as_str(), data), (c.session.as_str(), json!("fresh")), "only the fresh one: {}", f.text);
+    assert!(seq >= 1);
+    assert_quiet(&mut ag, AGENT_NOISE);
 }

@@ -650,3 +650,107 @@ fn a_send_to_a_closing_session_is_answered_the_way_its_replay_behaves() {
     }
     assert_eq!(recovered, json!(true));
 }
+
+#[test]
+fn since_zero_replays_the_broadcasts_and_only_this_sessions_addressed_messages() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let mut mine = d.client(&t, Some(a.agent_id()));
+    let mut theirs = d.client(&t, Some(a.agent_id()));
+    agent_send(&mut ag, None, &json!("b1"), "1", Ack::Live);
+    agent_send(&mut ag, Some(&theirs.session), &json!("for theirs"), "2", Ack::Live);
+    agent_send(&mut ag, Some(&mine.session), &json!("for mine"), "3", Ack::Live);
+    agent_send(&mut ag, None, &json!("b4"), "4", Ack::Live);
+    let epoch = expect_stream(&mut mine, a.agent_id(), 1, &json!("b1"));
+    expect_stream(&mut theirs, a.agent_id(), 1, &json!("b1"));
+    expect_stream(&mut theirs, a.agent_id(), 2, &json!("for theirs"));
+    let old = disconnect(mine, &mut ag);
+
+    // From the start of the stream: every broadcast and what was addressed to the resumed
+    // session, never what went to another session of the same user.
+    let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(0), Some(&epoch), Some(&old)));
+    expect_stream(&mut r, a.agent_id(), 1, &json!("b1"));
+    expect_stream(&mut r, a.agent_id(), 3, &json!("for mine"));
+    expect_stream(&mut r, a.agent_id(), 4, &json!("b4"));
+    expect_resumed(&mut r, a.agent_id(), true);
+    assert_quiet(&mut r, CLIENT_NOISE);
+    // Without `resume=`, only the broadcasts.
+    let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(0), Some(&epoch), None));
+    expect_stream(&mut r, a.agent_id(), 1, &json!("b1"));
+    expect_stream(&mut r, a.agent_id(), 4, &json!("b4"));
+    expect_resumed(&mut r, a.agent_id(), true);
+    assert_quiet(&mut r, CLIENT_NOISE);
+}
+
+#[test]
+fn resume_alone_on_an_unbound_session_resumes_every_stream_it_can_reach() {
+    let d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let b = d.hmac_agent("u1", "b");
+    let (mut ag_a, mut ag_b) = (d.agent(&a), d.agent(&b));
+    let t = d.token("u1", &[], "1h");
+    let c = d.client(&t, None);
+    let s = c.session.clone();
+    await_session_event(&mut ag_a, &s, true);
+    await_session_event(&mut ag_b, &s, true);
+    drop(c);
+    await_session_event(&mut ag_a, &s, false);
+    await_session_event(&mut ag_b, &s, false);
+    agent_send(&mut ag_a, Some(&s), &json!("a1"), "1", Ack::Queued);
+    agent_send(&mut ag_b, Some(&s), &json!("b1"), "2", Ack::Queued);
+    agent_send(&mut ag_a, Some(&s), &json!("a2"), "3", Ack::Queued);
+
+    let mut r = client_q(&d, &t, None, &resume_query(None, None, Some(&s)));
+    let mut by_agent: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    let mut resumed = std::collections::BTreeSet::new();
+    while resumed.len() < 2 {
+        let f = client_next(&mut r);
+        match f.ty() {
+            "message" => {
+                let m = stream_msg(&f);
+                assert!(!resumed.contains(&m.from), "a stream's replay comes before its resumed: {}", f.text);
+                by_agent.entry(m.from).or_default().push(m.data);
+            }
+            "resumed" => {
+                assert_eq!(f.value["recovered"], json!(true), "{}", f.text);
+                assert!(resumed.insert(f.str("agent").to_string()), "one resumed per stream: {}", f.text);
+            }
+            _ => panic!("unexpected {}", f.text),
+        }
+    }
+    assert_quiet(&mut r, CLIENT_NOISE);
+    let want: std::collections::BTreeMap<String, Vec<Value>> = [
+        (a.agent_id().to_string(), vec![json!("a1"), json!("a2")]),
+        (b.agent_id().to_string(), vec![json!("b1")]),
+    ]
+    .into();
+    assert_eq!(by_agent, want);
+    assert_eq!(resumed, [a.agent_id().to_string(), b.agent_id().to_string()].into());
+}
+
+#[test]
+fn after_history_ttl_a_closed_session_is_offline_and_no_longer_resumable() {
+    let d = Daemon::with_config("[history]\nttl_secs = 1\n");
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let c = d.client(&t, Some(a.agent_id()));
+    let old = disconnect(c, &mut ag);
+    agent_send(&mut ag, Some(&old), &json!("kept"), "k", Ack::Queued);
+    // Once the ttl has passed (the relay's clock has second granularity), sends are offline.
+    let mut n = 0;
+    eventually(Duration::from_secs(10), || {
+        n += 1;
+        let id = format!("late{n}");
+        ag.send(Some(&old), &json!("late"), Some(&id)).unwrap();
+        let f = agent_next(&mut ag);
+        assert_eq!(f.str("id"), id, "{}", f.text);
+        (f.ty() == "error").then(|| assert_eq!(f.str("code"), "offline", "{}", f.text))
+    })
+    .expect("a closed session stays resumable only for history.ttl_secs");
+    let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(None, None, Some(&old)));
+    expect_resumed(&mut r, a.agent_id(), false);
+    assert_quiet(&mut r, CLIENT_NOISE);
+}

@@ -127,6 +127,29 @@ fn after_sigkill_a_stream_with_no_connected_session_resumes_with_recovered_true(
 }
 
 #[test]
+fn after_sigkill_a_closed_session_is_still_resumable_by_its_id_alone() {
+    let mut d = Daemon::start_default();
+    let a = d.hmac_agent("u1", "a");
+    let t = d.token("u1", &[], "1h");
+    let mut ag = d.agent(&a);
+    let mut c = d.client(&t, Some(a.agent_id()));
+    agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
+    let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
+    let old = disconnect(c, &mut ag);
+    agent_send(&mut ag, Some(&old), &json!("k2"), "2", Ack::Queued);
+    agent_send(&mut ag, Some(&old), &json!("k3"), "3", Ack::Queued);
+    // No wait: `queued:true` promised the commit.
+    d.kill9();
+    d.restart(2);
+
+    let mut c2 = client_q(&d, &t, Some(a.agent_id()), &resume_query(None, None, Some(&old)));
+    assert_eq!(expect_stream(&mut c2, a.agent_id(), 2, &json!("k2")), epoch);
+    assert_eq!(expect_stream(&mut c2, a.agent_id(), 3, &json!("k3")), epoch);
+    expect_resumed(&mut c2, a.agent_id(), true);
+    assert_quiet(&mut c2, CLIENT_NOISE);
+}
+
+#[test]
 fn mailbox_messages_acked_queued_survive_sigkill_and_confirmed_ones_stay_confirmed() {
     let mut d = Daemon::start_default();
     let b = d.hmac_agent("u1", "b");
