@@ -801,7 +801,8 @@ fn probe_fails_when_the_store_cannot_commit() {
     }
     assert!(full, "the map never filled");
     // Records through the writer now fail to commit: the store is not ready.
-    for i in 0..64 {
+    // Far more than the few pages the last refused agent may have left free.
+    for i in 0..1024 {
         let rec = ConnectionRecord::new(
             format!("c_{i:016}"),
             "u".repeat(100),
@@ -1281,6 +1282,14 @@ fn durable_retention_expires_old_entries_and_keeps_metas() {
     ops.push(closed_session("alice", "s_edge", now - 300));
     ops.push(closed_session("bob", "s_new", now - 1));
     store.apply_batch(&ops).unwrap();
+    // Keys not shaped like ours, with young stamps: left alone, no panic.
+    let mut wtxn = store.inner.env.write_txn().unwrap();
+    let young = [&[1u8][..], &(now - 1).to_be_bytes(), &[0]].concat();
+    for key in [&b"zz\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"[..], b"\xff\xff", b"\0\0\0\0\0\0\0\0\0"] {
+        store.inner.history.put(&mut wtxn, key, &young).unwrap();
+        store.inner.mailbox.put(&mut wtxn, key, &young).unwrap();
+    }
+    wtxn.commit().unwrap();
 
     // TTLs of 0 keep everything (and `new` keeps them at 0).
     let keep = RetentionPolicy::new(1000, 30);
