@@ -668,7 +668,8 @@ impl Store {
     /// One retention pass over the durable records: delete history entries older than
     /// `policy.history_ttl_secs`, mailbox entries older than `policy.mailbox_ttl_secs` and
     /// closed sessions closed more than `policy.history_ttl_secs` ago (a TTL of 0 keeps them
-    /// forever), at most `max_deletes` rows in one transaction. Metas are kept.
+    /// forever), and unreadable ones, at most `max_deletes` rows in one transaction. Metas are
+    /// kept (the epoch and last `seq` outlive the entries).
     ///
     /// The writer thread's job, public for tests and benches. Victims are found from a read
     /// transaction (per stream, from its oldest entry to its first young one); nothing due costs
@@ -732,6 +733,7 @@ impl Store {
 
 /// Collects the keys of entries stamped before `cutoff` (and unreadable ones), each stream from
 /// its oldest entry up to its first young one, while `budget` lasts; `true` when it ran out.
+/// Costs one seek per stream that still has young entries.
 fn expired_entries(
     db: &heed::Database<heed::types::Bytes, heed::types::Bytes>,
     txn: &RoTxn,
@@ -746,11 +748,15 @@ fn expired_entries(
         let mut skip_to = None;
         for item in iter {
             let (key, bytes) = item?;
-            let young = key.len() > 9 && stamp_of(bytes).is_some_and(|at| at >= cutoff);
-            if young {
-                // Skip the rest of this stream: the smallest key above `user \0 agent \0 …`.
-                let mut next = key[..key.len() - 8].to_vec();
-                *next.last_mut().expect("key is longer than 9 bytes") += 1;
+            if stamp_of(bytes).is_some_and(|at| at >= cutoff) {
+                // Skip the rest of this stream: the smallest key above `user \0 agent \0 …`
+                // (a key not shaped like ours is just left alone).
+                let Some(stream) = key.len().checked_sub(8).map(|end| &key[..end]) else { continue };
+                if stream.len() < 2 || stream.last() != Some(&0) {
+                    continue;
+                }
+                let mut next = stream.to_vec();
+                *next.last_mut().expect("checked above") = 1;
                 skip_to = Some(next);
                 break;
             }
@@ -797,7 +803,7 @@ mod tests {
         assert!(matches!(decode_entry("t", b"k", &v), Err(StoreError::Corrupt(_))));
         assert_eq!(stamp_of(&v), None);
         assert!(matches!(decode_entry("t", b"k", &[1, 0, 0]), Err(StoreError::Corrupt(_))));
-        assert!(matches!(decode_entry("t", b"k", &[1, 0, 0, 0, 0, 0, 0, 0, 0, 9, b'a']), Err(_)));
+        assert!(decode_entry("t", b"k", &[1, 0, 0, 0, 0, 0, 0, 0, 0, 9, b'a']).is_err());
 
         let s = StoredSession {
             session: "s_x".into(),

@@ -30,8 +30,9 @@
 //! - Frames stored for offline delivery come back byte-exact; they are never decoded here.
 //! - Secrets (HMAC agent secrets, the JWT key) never appear in `Debug` output or in
 //!   [`StoreError`] messages. Decoding errors are reported without the decoded text.
-//! - On-disk records are versioned JSON (`"v":1`); `meta.schema_version` refuses a data dir
-//!   written by a newer schema.
+//! - On-disk records are versioned: JSON with `"v":1`, or (history and mailbox entries, closed
+//!   sessions) a leading version byte `1`; `meta.schema_version` refuses a data dir written by a
+//!   newer schema.
 
 mod connections;
 mod durable;
@@ -225,7 +226,8 @@ pub struct BatchOutcome {
     /// Ops applied (to an existing agent, or a connection record stored or updated).
     pub applied: usize,
     /// Ops for agents or connections that do not exist (any more) or whose record is
-    /// unreadable, and malformed or duplicate connection records.
+    /// unreadable, malformed or duplicate connection records, offline-delivery ops with a
+    /// malformed key part or nothing to act on (see [`WriteOp`]).
     pub skipped: usize,
 }
 

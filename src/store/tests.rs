@@ -2,7 +2,7 @@
 
 use super::*;
 use std::os::unix::fs::PermissionsExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -801,7 +801,8 @@ fn probe_fails_when_the_store_cannot_commit() {
     }
     assert!(full, "the map never filled");
     // Records through the writer now fail to commit: the store is not ready.
-    for i in 0..64 {
+    // Far more than the few pages the last refused agent may have left free.
+    for i in 0..1024 {
         let rec = ConnectionRecord::new(
             format!("c_{i:016}"),
             "u".repeat(100),
@@ -816,4 +817,694 @@ fn probe_fails_when_the_store_cannot_commit() {
     let failed = !writer.probe();
     assert!(failed, "a store that cannot commit must fail the probe");
     writer.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Offline delivery: history, mailboxes, closed sessions, commit tickets.
+
+fn skey(user: &str, agent: &str) -> Arc<StreamKey> {
+    Arc::new(StreamKey::new(user, agent))
+}
+
+fn append(key: &Arc<StreamKey>, epoch: &str, seq: u64, at: u64, to: Option<&str>, frame: &[u8]) -> WriteOp {
+    WriteOp::HistoryAppend {
+        key: key.clone(),
+        epoch: epoch.into(),
+        seq,
+        at,
+        to: to.map(Into::into),
+        frame: bytes::Bytes::copy_from_slice(frame),
+        trim_below: 0,
+    }
+}
+
+fn put(key: &Arc<StreamKey>, seq: u64, at: u64, from: &str, frame: &[u8]) -> WriteOp {
+    WriteOp::MailboxPut {
+        key: key.clone(),
+        seq,
+        at,
+        from: from.into(),
+        frame: bytes::Bytes::copy_from_slice(frame),
+    }
+}
+
+fn mark(key: &Arc<StreamKey>, epoch: &str, clean: bool, through: u64) -> WriteOp {
+    WriteOp::StreamMark { key: key.clone(), epoch: epoch.into(), clean, through }
+}
+
+fn closed_session(user: &str, session: &str, closed_at: u64) -> WriteOp {
+    WriteOp::SessionClosed(Box::new(SessionClosed {
+        user: user.into(),
+        session: StoredSession {
+            session: session.into(),
+            closed_at,
+            bound: Some("ag_1".into()),
+            allow: None,
+            marks: vec![StreamMark { agent: "ag_1".into(), epoch: "e_1".into(), seq: 3 }],
+        },
+    }))
+}
+
+fn seqs(stream: &StoredStream) -> Vec<u64> {
+    stream.entries.iter().map(|e| e.seq).collect()
+}
+
+fn mail_seqs(mailbox: &StoredMailbox) -> Vec<u64> {
+    mailbox.entries.iter().map(|e| e.seq).collect()
+}
+
+fn stream<'a>(user: &'a DurableUser, agent: &str) -> &'a StoredStream {
+    user.streams.iter().find(|s| s.agent == agent).unwrap_or_else(|| panic!("no stream {agent}"))
+}
+
+#[test]
+fn history_round_trips_byte_exact() {
+    let t = tmp();
+    let store = open(t.path());
+    let k1 = skey("alice", "ag_1");
+    let k2 = skey("alice", "ag_2");
+    // Every byte value, an empty frame, and a big one (an LMDB overflow page).
+    let all_bytes: Vec<u8> = (0..=255u8).collect();
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let ops = [
+        append(&k1, "e_1", 1, 100, None, &all_bytes),
+        append(&k2, "e_2", 1, 101, Some("s_abc"), b"\x81\x02hi"),
+        append(&k1, "e_1", 2, 102, Some("s_xyz"), b""),
+        append(&k1, "e_1", 3, 103, None, &big),
+    ];
+    assert_eq!(store.apply_batch(&ops).unwrap(), BatchOutcome { applied: 4, skipped: 0 });
+    let got = store.load_user("alice").unwrap();
+    assert_eq!(got.streams.iter().map(|s| s.agent.as_str()).collect::<Vec<_>>(), ["ag_1", "ag_2"]);
+    let s1 = stream(&got, "ag_1");
+    assert_eq!((s1.epoch.as_str(), s1.last_seq, s1.clean), ("e_1", 3, false));
+    assert_eq!(seqs(s1), [1, 2, 3]);
+    assert_eq!(&s1.entries[0].frame[..], &all_bytes[..]);
+    assert_eq!((s1.entries[0].at, s1.entries[0].to.as_deref()), (100, None));
+    assert_eq!(
+        (s1.entries[1].at, s1.entries[1].to.as_deref(), &s1.entries[1].frame[..]),
+        (102, Some("s_xyz"), &b""[..])
+    );
+    assert_eq!(&s1.entries[2].frame[..], &big[..]);
+    let s2 = stream(&got, "ag_2");
+    assert_eq!((s2.epoch.as_str(), s2.last_seq), ("e_2", 1));
+    assert_eq!((s2.entries[0].to.as_deref(), &s2.entries[0].frame[..]), (Some("s_abc"), &b"\x81\x02hi"[..]));
+    assert!(got.mailboxes.is_empty() && got.closed.is_empty());
+    // Survives a reopen.
+    drop(store);
+    let store = Store::open(t.path(), 0).unwrap();
+    let again = store.load_user("alice").unwrap();
+    assert_eq!(seqs(stream(&again, "ag_1")), [1, 2, 3]);
+    assert_eq!(&stream(&again, "ag_1").entries[2].frame[..], &big[..]);
+    // Durable ops touch neither the agents' generation nor the connection records.
+    assert_eq!(store.change_generation().unwrap(), 0);
+    assert_eq!(store.connection_count().unwrap(), 0);
+}
+
+#[test]
+fn epoch_change_wipes_and_trims() {
+    let t = tmp();
+    let store = open(t.path());
+    let k = skey("alice", "ag_1");
+    let mut ops: Vec<WriteOp> = (1..=5).map(|s| append(&k, "e_1", s, 100 + s, None, b"old")).collect();
+    // In the same batch: a later append trims below 3.
+    ops.push(WriteOp::HistoryAppend {
+        key: k.clone(),
+        epoch: "e_1".into(),
+        seq: 6,
+        at: 106,
+        to: None,
+        frame: bytes::Bytes::from_static(b"six"),
+        trim_below: 3,
+    });
+    store.apply_batch(&ops).unwrap();
+    let got = store.load_user("alice").unwrap();
+    assert_eq!(seqs(stream(&got, "ag_1")), [3, 4, 5, 6]);
+    assert_eq!(stream(&got, "ag_1").last_seq, 6);
+
+    // HistoryTrim applies only with the current epoch.
+    let trim = |epoch: &str, below| WriteOp::HistoryTrim { key: k.clone(), epoch: epoch.into(), below };
+    assert_eq!(store.apply_batch(&[trim("e_other", 100)]).unwrap(), BatchOutcome { applied: 0, skipped: 1 });
+    assert_eq!(store.apply_batch(&[trim("e_1", 5)]).unwrap(), BatchOutcome { applied: 1, skipped: 0 });
+    assert_eq!(seqs(stream(&store.load_user("alice").unwrap(), "ag_1")), [5, 6]);
+
+    // A new epoch deletes the old history and restarts the meta (dirty).
+    store.apply_batch(&[mark(&k, "e_1", true, 6)]).unwrap();
+    assert!(stream(&store.load_user("alice").unwrap(), "ag_1").clean);
+    store.apply_batch(&[append(&k, "e_2", 1, 200, None, b"new")]).unwrap();
+    let got = store.load_user("alice").unwrap();
+    let s = stream(&got, "ag_1");
+    assert_eq!((s.epoch.as_str(), s.last_seq, s.clean, seqs(s)), ("e_2", 1, false, vec![1]));
+    assert_eq!(&s.entries[0].frame[..], b"new");
+    // Old and new epoch within one batch: only the last epoch's entries survive.
+    store
+        .apply_batch(&[
+            append(&k, "e_2", 2, 201, None, b"x"),
+            append(&k, "e_3", 1, 202, None, b"y"),
+            append(&k, "e_3", 2, 203, None, b"z"),
+        ])
+        .unwrap();
+    let got = store.load_user("alice").unwrap();
+    let s = stream(&got, "ag_1");
+    assert_eq!((s.epoch.as_str(), s.last_seq, seqs(s)), ("e_3", 2, vec![1, 2]));
+    // A trim is a meta-less no-op for a stream that does not exist.
+    let nobody = WriteOp::HistoryTrim { key: skey("bob", "ag_1"), epoch: "e_1".into(), below: 5 };
+    assert_eq!(store.apply_batch(&[nobody]).unwrap(), BatchOutcome { applied: 0, skipped: 1 });
+}
+
+#[test]
+fn stream_marks() {
+    let t = tmp();
+    let store = open(t.path());
+    let k = skey("alice", "ag_1");
+    let clean = |store: &Store| stream(&store.load_user("alice").unwrap(), "ag_1").clean;
+    // Nothing to mark yet.
+    let out = store.apply_batch(&[mark(&k, "e_1", false, 0), mark(&k, "e_1", true, 0)]).unwrap();
+    assert_eq!(out, BatchOutcome { applied: 0, skipped: 2 });
+    assert!(store.load_user("alice").unwrap().streams.is_empty());
+
+    store.apply_batch(&(1..=5).map(|s| append(&k, "e_1", s, s, None, b"m")).collect::<Vec<_>>()).unwrap();
+    assert!(!clean(&store));
+    // Clean only when the stream's last seq is the one given.
+    assert_eq!(store.apply_batch(&[mark(&k, "e_1", true, 4)]).unwrap().applied, 1);
+    assert!(!clean(&store));
+    store.apply_batch(&[mark(&k, "e_1", true, 5)]).unwrap();
+    assert!(clean(&store));
+    // Another epoch: skipped, stays clean.
+    assert_eq!(
+        store.apply_batch(&[mark(&k, "e_9", true, 5)]).unwrap(),
+        BatchOutcome { applied: 0, skipped: 1 }
+    );
+    assert!(clean(&store));
+    // Dirty always (whatever the epoch), then clean again; the last op of a batch wins.
+    store.apply_batch(&[mark(&k, "e_9", false, 0)]).unwrap();
+    assert!(!clean(&store));
+    store
+        .apply_batch(&[mark(&k, "e_1", true, 5), mark(&k, "e_1", false, 0), mark(&k, "e_1", true, 5)])
+        .unwrap();
+    assert!(clean(&store));
+    // An append keeps the flag (the lease protocol marks dirty first) and raises last_seq.
+    store.apply_batch(&[append(&k, "e_1", 6, 6, None, b"m")]).unwrap();
+    let got = store.load_user("alice").unwrap();
+    assert_eq!((stream(&got, "ag_1").clean, stream(&got, "ag_1").last_seq), (true, 6));
+}
+
+#[test]
+fn mailbox_put_drop_load() {
+    let t = tmp();
+    let store = open(t.path());
+    let k = skey("alice", "ag_1");
+    let other = skey("alice", "ag_2");
+    // Nothing to drop yet.
+    let drop_op = |key: &Arc<StreamKey>, through| WriteOp::MailboxDrop { key: key.clone(), through };
+    assert_eq!(store.apply_batch(&[drop_op(&k, 3)]).unwrap(), BatchOutcome { applied: 0, skipped: 1 });
+    let mut ops: Vec<WriteOp> = (1..=4).map(|s| put(&k, s, 1000 + s, "s_from", &[s as u8, 0, 255])).collect();
+    ops.push(put(&other, 1, 5, "s_x", b"other"));
+    ops.push(drop_op(&k, 2));
+    assert_eq!(store.apply_batch(&ops).unwrap(), BatchOutcome { applied: 6, skipped: 0 });
+    let got = store.load_user("alice").unwrap();
+    assert_eq!(got.mailboxes.iter().map(|m| m.agent.as_str()).collect::<Vec<_>>(), ["ag_1", "ag_2"]);
+    let m = &got.mailboxes[0];
+    assert_eq!((m.last_seq, m.acked, mail_seqs(m)), (4, 2, vec![3, 4]));
+    assert_eq!(
+        (m.entries[0].at, m.entries[0].from.as_str(), &m.entries[0].frame[..]),
+        (1003, "s_from", &[3, 0, 255][..])
+    );
+    assert_eq!(mail_seqs(&got.mailboxes[1]), [1]);
+    assert!(got.streams.is_empty());
+
+    // A confirmation beyond what is stored confirms what is stored, not future seqs.
+    store.apply_batch(&[drop_op(&k, u64::MAX)]).unwrap();
+    let got = store.load_user("alice").unwrap();
+    assert_eq!(
+        (got.mailboxes[0].last_seq, got.mailboxes[0].acked, mail_seqs(&got.mailboxes[0])),
+        (4, 4, vec![])
+    );
+    // A confirmed seq is not stored again; the next one is, and loads.
+    let out =
+        store.apply_batch(&[put(&k, 3, 1, "s_from", b"stale"), put(&k, 5, 2000, "s_from", b"five")]).unwrap();
+    assert_eq!(out, BatchOutcome { applied: 1, skipped: 1 });
+    // An older confirmation does not lower acked.
+    store.apply_batch(&[drop_op(&k, 1)]).unwrap();
+    let got = store.load_user("alice").unwrap();
+    let m = &got.mailboxes[0];
+    assert_eq!((m.last_seq, m.acked, mail_seqs(m)), (5, 4, vec![5]));
+    assert_eq!(&m.entries[0].frame[..], b"five");
+    // Entries at or below acked are never returned, even if some were left on disk.
+    let mut wtxn = store.inner.env.write_txn().unwrap();
+    let mut key = b"alice\0ag_1\0".to_vec();
+    key.extend_from_slice(&2u64.to_be_bytes());
+    store.inner.mailbox.put(&mut wtxn, &key, b"\x01\0\0\0\0\0\0\0\x01\x03s_zleftover").unwrap();
+    wtxn.commit().unwrap();
+    assert_eq!(mail_seqs(&store.load_user("alice").unwrap().mailboxes[0]), [5]);
+}
+
+#[test]
+fn closed_sessions_round_trip_and_forget() {
+    let t = tmp();
+    let store = open(t.path());
+    let full = StoredSession {
+        session: "s_one".into(),
+        closed_at: 1234,
+        bound: None,
+        allow: Some(vec!["ag_1".into(), "ag_2".into()]),
+        marks: vec![
+            StreamMark { agent: "ag_1".into(), epoch: "e_a".into(), seq: 9 },
+            StreamMark { agent: "ag_2".into(), epoch: "e_b".into(), seq: u64::MAX },
+        ],
+    };
+    let ops = [
+        WriteOp::SessionClosed(Box::new(SessionClosed { user: "alice".into(), session: full.clone() })),
+        closed_session("alice", "s_two", 5),
+        closed_session("alice", "s_two", 6), // overwrites
+        closed_session("bob", "s_bob", 7),
+    ];
+    assert_eq!(store.apply_batch(&ops).unwrap(), BatchOutcome { applied: 4, skipped: 0 });
+    let got = store.load_user("alice").unwrap();
+    assert_eq!(got.closed.len(), 2);
+    assert_eq!(got.closed[0], full);
+    assert_eq!((got.closed[1].session.as_str(), got.closed[1].closed_at), ("s_two", 6));
+    assert_eq!(got.closed[1].bound.as_deref(), Some("ag_1"));
+    assert_eq!(got.closed[1].marks, [StreamMark { agent: "ag_1".into(), epoch: "e_1".into(), seq: 3 }]);
+
+    let forget =
+        |user: &str, session: &str| WriteOp::SessionForget { user: user.into(), session: session.into() };
+    let out = store
+        .apply_batch(&[forget("alice", "s_one"), forget("alice", "s_one"), forget("alice", "s_bob")])
+        .unwrap();
+    assert_eq!(out, BatchOutcome { applied: 1, skipped: 2 });
+    let got = store.load_user("alice").unwrap();
+    assert_eq!(got.closed.iter().map(|s| s.session.as_str()).collect::<Vec<_>>(), ["s_two"]);
+    assert_eq!(store.load_user("bob").unwrap().closed.len(), 1);
+}
+
+#[test]
+fn malformed_durable_ops_are_skipped() {
+    let t = tmp();
+    let store = open(t.path());
+    let good = skey("alice", "ag_1");
+    let long_user = "u".repeat(MAX_USER_BYTES + 1);
+    let long_id = "a".repeat(ids::MAX_ID_LEN + 1);
+    let bad_keys = [
+        skey("", "ag_1"),
+        skey(&long_user, "ag_1"),
+        skey("a\0b", "ag_1"),
+        skey("alice", ""),
+        skey("alice", "bad id"),
+        skey("alice", "ag/1"),
+        skey("alice", &long_id),
+    ];
+    let mut ops = Vec::new();
+    for k in &bad_keys {
+        ops.push(append(k, "e_1", 1, 1, None, b"x"));
+        ops.push(mark(k, "e_1", false, 0));
+        ops.push(WriteOp::HistoryTrim { key: k.clone(), epoch: "e_1".into(), below: 1 });
+        ops.push(put(k, 1, 1, "s_1", b"x"));
+        ops.push(WriteOp::MailboxDrop { key: k.clone(), through: 1 });
+    }
+    for epoch in ["", "e 1", &long_id] {
+        ops.push(append(&good, epoch, 1, 1, None, b"x"));
+        ops.push(mark(&good, epoch, true, 1));
+    }
+    ops.push(append(&good, "e_1", 1, 1, Some("not a session"), b"x"));
+    ops.push(append(&good, "e_1", 1, 1, Some(""), b"x"));
+    ops.push(put(&good, 1, 1, "", b"x"));
+    ops.push(put(&good, 1, 1, &long_id, b"x"));
+    for (user, session) in
+        [("", "s_1"), (long_user.as_str(), "s_1"), ("a\0b", "s_1"), ("alice", "s 1"), ("alice", "")]
+    {
+        ops.push(closed_session(user, session, 1));
+        ops.push(WriteOp::SessionForget { user: user.into(), session: session.into() });
+    }
+    let n = ops.len();
+    // Valid ops around them still apply: nothing errors.
+    ops.insert(0, append(&good, "e_1", 1, 1, None, b"ok"));
+    ops.push(put(&good, 1, 1, "s_1", b"ok"));
+    assert_eq!(store.apply_batch(&ops).unwrap(), BatchOutcome { applied: 2, skipped: n });
+    let got = store.load_user("alice").unwrap();
+    assert_eq!((got.streams.len(), got.mailboxes.len(), got.closed.len()), (1, 1, 0));
+    assert_eq!(seqs(&got.streams[0]), [1]);
+    assert_eq!(&got.streams[0].entries[0].frame[..], b"ok");
+    assert_eq!(mail_seqs(&got.mailboxes[0]), [1]);
+    // Loads of invalid users are empty, not errors.
+    for user in ["", long_user.as_str(), "a\0b"] {
+        let u = store.load_user(user).unwrap();
+        assert!(u.streams.is_empty() && u.mailboxes.is_empty() && u.closed.is_empty());
+    }
+    // Nothing was written for the bad keys.
+    let txn = store.read_txn().unwrap();
+    assert_eq!(store.inner.history.len(&txn).unwrap(), 1);
+    assert_eq!(store.inner.mailbox.len(&txn).unwrap(), 1);
+    assert_eq!(store.inner.streams.len(&txn).unwrap(), 1);
+    assert_eq!(store.inner.mailboxes.len(&txn).unwrap(), 1);
+    assert_eq!(store.inner.closed_sessions.len(&txn).unwrap(), 0);
+    // The longest valid key parts fit LMDB's key limit.
+    let longest = skey(&"é".repeat(MAX_USER_BYTES / 2), &"a".repeat(ids::MAX_ID_LEN));
+    drop(txn);
+    let out = store
+        .apply_batch(&[
+            append(&longest, &"e".repeat(64), u64::MAX, 1, Some(&"s".repeat(64)), b"x"),
+            put(&longest, u64::MAX, 1, &"s".repeat(64), b"x"),
+            closed_session(&longest.user, &"s".repeat(64), 1),
+        ])
+        .unwrap();
+    assert_eq!(out, BatchOutcome { applied: 3, skipped: 0 });
+    let got = store.load_user(&longest.user).unwrap();
+    assert_eq!(
+        (seqs(&got.streams[0]), mail_seqs(&got.mailboxes[0]), got.closed.len()),
+        (vec![u64::MAX], vec![u64::MAX], 1)
+    );
+}
+
+#[test]
+fn users_and_agents_are_isolated() {
+    let t = tmp();
+    let store = open(t.path());
+    let users = ["al", "alice", "al\u{1}", "al\u{1}ice", "b"];
+    let mut ops = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let i = i as u64 + 1;
+        // Agents that prefix each other, too.
+        for agent in ["ag", "ag_x", "ag-"] {
+            let k = skey(user, agent);
+            ops.push(append(&k, "e_1", i, i, None, format!("{user}/{agent}").as_bytes()));
+            ops.push(put(&k, i, i, "s_1", format!("{user}/{agent}").as_bytes()));
+        }
+        ops.push(closed_session(user, &format!("s_{i}"), i));
+    }
+    store.apply_batch(&ops).unwrap();
+    for (i, user) in users.iter().enumerate() {
+        let i = i as u64 + 1;
+        let got = store.load_user(user).unwrap();
+        let agents: Vec<&str> = got.streams.iter().map(|s| s.agent.as_str()).collect();
+        assert_eq!(agents, ["ag", "ag-", "ag_x"], "{user:?}");
+        for s in &got.streams {
+            assert_eq!(seqs(s), [i], "{user:?}");
+            assert_eq!(&s.entries[0].frame[..], format!("{user}/{}", s.agent).as_bytes());
+        }
+        for m in &got.mailboxes {
+            assert_eq!(mail_seqs(m), [i], "{user:?}");
+            assert_eq!(&m.entries[0].frame[..], format!("{user}/{}", m.agent).as_bytes());
+        }
+        assert_eq!(got.mailboxes.len(), 3);
+        assert_eq!(got.closed.iter().map(|s| s.session.clone()).collect::<Vec<_>>(), [format!("s_{i}")]);
+    }
+    assert!(store.load_user("a").unwrap().streams.is_empty());
+    assert!(store.load_user("alic").unwrap().closed.is_empty());
+}
+
+#[test]
+fn unreadable_durable_records_are_skipped_on_load() {
+    let t = tmp();
+    let store = open(t.path());
+    let k1 = skey("alice", "ag_1");
+    let k2 = skey("alice", "ag_2");
+    store
+        .apply_batch(&[
+            append(&k1, "e_1", 1, 1, None, b"one"),
+            append(&k1, "e_1", 2, 2, None, b"two"),
+            append(&k2, "e_2", 1, 1, None, b"x"),
+            put(&k1, 1, 1, "s_1", b"m"),
+            put(&k2, 1, 1, "s_1", b"m"),
+            closed_session("alice", "s_good", 1),
+            closed_session("alice", "s_bad", 1),
+        ])
+        .unwrap();
+    let mut wtxn = store.inner.env.write_txn().unwrap();
+    let mut entry = b"alice\0ag_1\0".to_vec();
+    entry.extend_from_slice(&1u64.to_be_bytes());
+    store.inner.history.put(&mut wtxn, &entry, b"\x07garbage").unwrap();
+    store.inner.streams.put(&mut wtxn, b"alice\0ag_2", b"{\"v\":1,\"epoch\":").unwrap();
+    store.inner.mailboxes.put(&mut wtxn, b"alice\0ag_2", b"nope").unwrap();
+    store.inner.closed_sessions.put(&mut wtxn, b"alice\0s_bad", b"\x01short").unwrap();
+    // An entry without a meta, and a key that is not ours.
+    let mut orphan = b"alice\0ag_3\0".to_vec();
+    orphan.extend_from_slice(&1u64.to_be_bytes());
+    store.inner.history.put(&mut wtxn, &orphan, b"\x01\0\0\0\0\0\0\0\x01\0orphan").unwrap();
+    store.inner.history.put(&mut wtxn, b"alice\0junk", b"x").unwrap();
+    wtxn.commit().unwrap();
+    let got = store.load_user("alice").unwrap();
+    assert_eq!(got.streams.len(), 1);
+    assert_eq!(seqs(stream(&got, "ag_1")), [2]);
+    assert_eq!(got.mailboxes.iter().map(|m| m.agent.as_str()).collect::<Vec<_>>(), ["ag_1"]);
+    assert_eq!(got.closed.iter().map(|s| s.session.as_str()).collect::<Vec<_>>(), ["s_good"]);
+    // The writer replaces an unreadable meta rather than failing the batch.
+    let out =
+        store.apply_batch(&[append(&k2, "e_2", 2, 2, None, b"y"), put(&k2, 2, 2, "s_1", b"n")]).unwrap();
+    assert_eq!(out, BatchOutcome { applied: 2, skipped: 0 });
+    let got = store.load_user("alice").unwrap();
+    assert_eq!(seqs(stream(&got, "ag_2")), [2]);
+    assert_eq!(mail_seqs(&got.mailboxes[1]), [1, 2]);
+}
+
+#[test]
+fn durable_retention_expires_old_entries_and_keeps_metas() {
+    let t = tmp();
+    let store = open(t.path());
+    let now = 1_000_000;
+    let k1 = skey("alice", "ag_1");
+    let k2 = skey("alice", "ag_2");
+    let kb = skey("bob", "ag_1");
+    let mut ops = Vec::new();
+    // ag_1: 3 old, then 2 young; ag_2: all old; bob: all young.
+    for s in 1..=5 {
+        ops.push(append(&k1, "e_1", s, if s <= 3 { now - 400 } else { now - 10 }, None, b"h"));
+    }
+    for s in 1..=4 {
+        ops.push(append(&k2, "e_2", s, now - 1000 + s, None, b"h"));
+        ops.push(append(&kb, "e_b", s, now - 5, None, b"h"));
+    }
+    // Mailboxes: ttl 3600.
+    for s in 1..=3 {
+        ops.push(put(&k1, s, if s == 1 { now - 4000 } else { now - 100 }, "s_1", b"m"));
+        ops.push(put(&k2, s, now - 7200, "s_1", b"m"));
+    }
+    ops.push(closed_session("alice", "s_old", now - 301));
+    ops.push(closed_session("alice", "s_edge", now - 300));
+    ops.push(closed_session("bob", "s_new", now - 1));
+    store.apply_batch(&ops).unwrap();
+    // Keys not shaped like ours, with young stamps: left alone, no panic.
+    let mut wtxn = store.inner.env.write_txn().unwrap();
+    let young = [&[1u8][..], &(now - 1).to_be_bytes(), &[0]].concat();
+    for key in [&b"zz\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"[..], b"\xff\xff", b"\0\0\0\0\0\0\0\0\0"] {
+        store.inner.history.put(&mut wtxn, key, &young).unwrap();
+        store.inner.mailbox.put(&mut wtxn, key, &young).unwrap();
+    }
+    wtxn.commit().unwrap();
+
+    // TTLs of 0 keep everything (and `new` keeps them at 0).
+    let keep = RetentionPolicy::new(1000, 30);
+    assert_eq!((keep.history_ttl_secs, keep.mailbox_ttl_secs), (0, 0));
+    assert_eq!(store.prune_durable(&keep, now, 100).unwrap(), DurablePruneOutcome::default());
+
+    let policy = RetentionPolicy::new(1000, 30).with_durable(300, 3600);
+    assert_eq!((policy.history_ttl_secs, policy.mailbox_ttl_secs, policy.max_records), (300, 3600, 1000));
+    // Bounded: 5 per pass.
+    let first = store.prune_durable(&policy, now, 5).unwrap();
+    assert_eq!(first, DurablePruneOutcome { history: 5, mail: 0, sessions: 0, more: true });
+    let second = store.prune_durable(&policy, now, 5).unwrap();
+    assert_eq!(second, DurablePruneOutcome { history: 2, mail: 3, sessions: 0, more: true });
+    let third = store.prune_durable(&policy, now, 5).unwrap();
+    assert_eq!(third, DurablePruneOutcome { history: 0, mail: 1, sessions: 1, more: false });
+    assert_eq!(store.prune_durable(&policy, now, 5).unwrap(), DurablePruneOutcome::default());
+
+    let alice = store.load_user("alice").unwrap();
+    assert_eq!(seqs(stream(&alice, "ag_1")), [4, 5]);
+    // Metas stay: epoch and last seq survive an empty history.
+    let s2 = stream(&alice, "ag_2");
+    assert_eq!((s2.epoch.as_str(), s2.last_seq, seqs(s2)), ("e_2", 4, vec![]));
+    assert_eq!(alice.mailboxes.len(), 2);
+    assert_eq!((mail_seqs(&alice.mailboxes[0]), alice.mailboxes[0].acked), (vec![2, 3], 0));
+    assert_eq!((mail_seqs(&alice.mailboxes[1]), alice.mailboxes[1].last_seq), (vec![], 3));
+    assert_eq!(alice.closed.iter().map(|s| s.session.as_str()).collect::<Vec<_>>(), ["s_edge"]);
+    let bob = store.load_user("bob").unwrap();
+    assert_eq!((seqs(&bob.streams[0]), bob.closed.len()), (vec![1, 2, 3, 4], 1));
+}
+
+#[test]
+fn writer_runs_durable_retention() {
+    let t = tmp();
+    let store = open(t.path());
+    let now = unix_now();
+    let k = skey("alice", "ag_1");
+    store
+        .apply_batch(&[
+            append(&k, "e_1", 1, now - 1000, None, b"old"),
+            append(&k, "e_1", 2, now, None, b"young"),
+            put(&k, 1, now - 100_000, "s_1", b"old"),
+            put(&k, 2, now, "s_1", b"young"),
+            closed_session("alice", "s_old", now - 1000),
+        ])
+        .unwrap();
+    let policy = RetentionPolicy { check_interval: Duration::from_millis(20), ..RetentionPolicy::default() }
+        .with_durable(300, 86_400);
+    let writer = spawn_writer_with(store.clone(), policy);
+    let t0 = Instant::now();
+    loop {
+        let s = writer.writer_stats();
+        if (s.expired_history, s.expired_mail, s.expired_sessions) == (1, 1, 1) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "retention did not run: {s:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let got = store.load_user("alice").unwrap();
+    assert_eq!(
+        (seqs(&got.streams[0]), mail_seqs(&got.mailboxes[0]), got.closed.len()),
+        (vec![2], vec![2], 0)
+    );
+    assert_eq!(writer.writer_stats().prune_errors, 0);
+    writer.shutdown();
+}
+
+/// A waker that counts its wakes.
+struct CountingWaker(AtomicUsize);
+
+impl std::task::Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn counting_waker() -> (Arc<atomic_waker::AtomicWaker>, Arc<CountingWaker>) {
+    let count = Arc::new(CountingWaker(AtomicUsize::new(0)));
+    let slot = Arc::new(atomic_waker::AtomicWaker::new());
+    slot.register(&std::task::Waker::from(count.clone()));
+    (slot, count)
+}
+
+#[test]
+fn tickets_settle_and_wake_their_shard() {
+    let t = tmp();
+    let store = open(t.path());
+    let writer = spawn_writer(store.clone());
+    let (w0, c0) = counting_waker();
+    let (w1, c1) = counting_waker();
+    writer.set_wakers(vec![w0.clone(), w1.clone()]);
+    assert_eq!((writer.settled(0), writer.settled(1), writer.settled(9)), (0, 0, 0));
+    let k0 = skey("alice", "ag_1");
+    let k1 = skey("bob", "ag_2");
+    for n in 1..=300u64 {
+        assert!(writer.send_durable(append(&k0, "e_1", n, n, None, b"m"), Ticket { shard: 0, n }));
+        if n % 30 == 0 {
+            assert!(writer.send_durable(put(&k1, n / 30, n, "s_1", b"m"), Ticket { shard: 1, n: n / 30 }));
+        }
+        // Plain ops mix in.
+        assert!(writer.send(WriteOp::AgentSeen { agent_id: "ag_none".into(), at: n }));
+    }
+    // A shard without a waker is tracked all the same; one beyond the limit is refused.
+    assert!(writer.send_durable(mark(&k0, "e_1", true, 300), Ticket { shard: 7, n: 42 }));
+    assert!(!writer.send_durable(mark(&k0, "e_1", true, 300), Ticket { shard: MAX_TICKET_SHARDS, n: 1 }));
+    assert!(writer.flush());
+    // Settled by the time flush returns.
+    assert_eq!((writer.settled(0), writer.settled(1), writer.settled(7)), (300, 10, 42));
+    assert_eq!(writer.settled(MAX_TICKET_SHARDS), 0);
+    assert_eq!(writer.settled(usize::MAX), 0);
+    assert!(writer.take_failed(0).is_empty() && writer.take_failed(1).is_empty());
+    assert!(writer.take_failed(usize::MAX).is_empty());
+    assert!(c0.0.load(Ordering::SeqCst) >= 1 && c1.0.load(Ordering::SeqCst) >= 1);
+    let stats = writer.writer_stats();
+    assert_eq!((stats.ops, stats.dropped, stats.commit_errors), (300 + 10 + 300 + 1, 1, 0));
+    assert_eq!(stats.skipped, 300); // the AgentSeen for an unknown agent
+                                    // Every committed op is readable.
+    let got = store.load_user("alice").unwrap();
+    assert_eq!(seqs(&got.streams[0]).len(), 300);
+    assert!(got.streams[0].clean);
+    assert_eq!(mail_seqs(&store.load_user("bob").unwrap().mailboxes[0]), (1..=10).collect::<Vec<_>>());
+
+    // A later commit wakes again (after the shard re-registers).
+    let before = c1.0.load(Ordering::SeqCst);
+    w1.register(&std::task::Waker::from(c1.clone()));
+    assert!(writer.send_durable(put(&k1, 11, 1, "s_1", b"m"), Ticket { shard: 1, n: 11 }));
+    assert!(writer.flush());
+    assert_eq!(writer.settled(1), 11);
+    assert_eq!(c1.0.load(Ordering::SeqCst), before + 1);
+    writer.shutdown();
+}
+
+#[test]
+fn failed_commits_report_their_tickets() {
+    let t = tmp();
+    // A 1 MiB map, filled until LMDB refuses more.
+    let store = Store::open(t.path(), 1).unwrap();
+    let filler = skey("filler", "ag_1");
+    let frame = vec![7u8; 64 * 1024];
+    let mut seq = 0;
+    loop {
+        seq += 1;
+        if store.apply_batch(&[append(&filler, "e_1", seq, 1, None, &frame)]).is_err() {
+            break;
+        }
+        assert!(seq < 100, "the map never filled");
+    }
+    let writer = spawn_writer(store.clone());
+    let (w, c) = counting_waker();
+    writer.set_wakers(vec![w]);
+    let k = skey("alice", "ag_1");
+    for n in 1..=20u64 {
+        assert!(writer.send_durable(append(&k, "e_1", n, 1, None, &frame), Ticket { shard: 0, n }));
+    }
+    assert!(!writer.flush());
+    assert_eq!(writer.settled(0), 20);
+    assert!(c.0.load(Ordering::SeqCst) >= 1);
+    let failed = writer.take_failed(0);
+    assert!(!failed.is_empty());
+    assert!(failed.windows(2).all(|w| w[0] < w[1]), "in send order: {failed:?}");
+    // Each ticket either failed or is stored: never both, never neither.
+    let stored: Vec<u64> = store.load_user("alice").unwrap().streams.first().map(seqs).unwrap_or_default();
+    for n in 1..=20u64 {
+        assert_ne!(
+            failed.contains(&n),
+            stored.contains(&n),
+            "ticket {n}: failed {failed:?}, stored {stored:?}"
+        );
+    }
+    // Taken once.
+    assert!(writer.take_failed(0).is_empty());
+    let stats = writer.writer_stats();
+    assert!(stats.commit_errors >= 1 && stats.lost_ops as usize == failed.len(), "{stats:?}");
+    // The writer keeps going: a small op commits and settles as committed.
+    assert!(writer.send_durable(mark(&k, "e_1", false, 0), Ticket { shard: 0, n: 21 }));
+    assert!(writer.flush());
+    assert_eq!(writer.settled(0), 21);
+    assert!(writer.take_failed(0).is_empty());
+    writer.shutdown();
+}
+
+#[test]
+fn shutdown_commits_and_settles_every_ticket() {
+    let t = tmp();
+    let store = open(t.path());
+    let writer = spawn_writer(store.clone());
+    let (w, c) = counting_waker();
+    writer.set_wakers(vec![Arc::new(atomic_waker::AtomicWaker::new()), w]);
+    let other = writer.clone();
+    let k = skey("alice", "ag_1");
+    let n_ops = 5000u64;
+    for n in 1..=n_ops {
+        assert!(writer.send_durable(append(&k, "e_1", n, n, None, b"m"), Ticket { shard: 1, n }));
+    }
+    // No flush: shutdown drains the queue, commits and settles.
+    writer.shutdown();
+    assert_eq!(other.settled(1), n_ops);
+    assert!(other.take_failed(1).is_empty());
+    assert!(c.0.load(Ordering::SeqCst) >= 1);
+    assert!(!other.send_durable(mark(&k, "e_1", true, n_ops), Ticket { shard: 1, n: n_ops + 1 }));
+    assert_eq!(other.settled(1), n_ops);
+    let got = store.load_user("alice").unwrap();
+    assert_eq!((got.streams[0].last_seq, got.streams[0].entries.len() as u64), (n_ops, n_ops));
+}
+
+#[test]
+fn durable_ops_are_cheap_to_clone() {
+    let k = skey("alice", "ag_1");
+    let op = append(&k, "e_1", 1, 1, Some("s_1"), &[0u8; 4096]);
+    let WriteOp::HistoryAppend { key, frame, .. } = op.clone() else { unreachable!() };
+    assert!(Arc::ptr_eq(&key, &k));
+    let WriteOp::HistoryAppend { frame: original, .. } = &op else { unreachable!() };
+    assert_eq!(frame.as_ptr(), original.as_ptr());
+    assert!(op.is_durable() && op.agent_id().is_none() && op.conn_id().is_none());
+    assert!(!WriteOp::Probe { at: 1 }.is_durable());
 }

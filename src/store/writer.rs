@@ -227,7 +227,8 @@ pub struct WriterStats {
     /// durable.
     pub ops: u64,
     /// Ops skipped: their agent or connection record does not exist, or the record is
-    /// malformed or a duplicate.
+    /// malformed or a duplicate; offline-delivery ops with a malformed key part or nothing to
+    /// act on (see [`WriteOp`]).
     pub skipped: u64,
     /// Size of the last committed batch (a gauge).
     pub last_batch_size: u64,
@@ -727,4 +728,80 @@ fn commit(store: &Store, batch: &mut Batch, shared: &Shared) {
     shared.settlement.settle(&batch.tickets, committed);
     batch.ops.clear();
     batch.tickets.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Wake, Waker};
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn t(shard: usize, n: u64) -> Ticket {
+        Ticket { shard, n }
+    }
+
+    #[test]
+    fn settle_bookkeeping() {
+        let s = Settlement::default();
+        let counts: Vec<Arc<Count>> = (0..2).map(|_| Arc::new(Count(AtomicUsize::new(0)))).collect();
+        let wakers: Vec<Arc<AtomicWaker>> = counts
+            .iter()
+            .map(|c| {
+                let w = Arc::new(AtomicWaker::new());
+                w.register(&Waker::from(c.clone()));
+                w
+            })
+            .collect();
+        *s.wakers.lock().unwrap() = wakers.clone().into();
+        let woken = |i: usize| counts[i].0.load(Relaxed);
+
+        // Nothing settled yet; unknown shards read 0 and have no failures.
+        assert_eq!((s.settled(0), s.settled(70), s.settled(usize::MAX)), (0, 0, 0));
+        assert!(s.take_failed(0).is_empty() && s.take_failed(usize::MAX).is_empty());
+        s.settle(&[], false);
+        assert_eq!(woken(0) + woken(1), 0);
+
+        // A committed batch: settled rises to each shard's highest n, each shard woken once.
+        s.settle(&[t(0, 1), t(1, 1), t(0, 2), t(70, 5)], true);
+        assert_eq!((s.settled(0), s.settled(1), s.settled(70)), (2, 1, 5));
+        assert_eq!((woken(0), woken(1)), (1, 1));
+        assert!(s.take_failed(0).is_empty() && s.take_failed(70).is_empty());
+
+        // A failed batch: every n of it is reported, in order, and settled still rises.
+        wakers[0].register(&Waker::from(counts[0].clone()));
+        s.settle(&[t(0, 3), t(70, 6), t(0, 4), t(0, 5)], false);
+        assert_eq!((s.settled(0), s.settled(70)), (5, 6));
+        assert_eq!(s.take_failed(0), [3, 4, 5]);
+        assert!(s.take_failed(0).is_empty(), "taken once");
+        assert_eq!(s.take_failed(70), [6]);
+        assert_eq!(s.settled(1), 1);
+        assert!(s.take_failed(1).is_empty());
+        assert_eq!((woken(0), woken(1)), (2, 1));
+
+        // Failures accumulate until taken; settled never goes down.
+        s.settle(&[t(0, 6)], false);
+        s.settle(&[t(0, 7)], true);
+        s.settle(&[t(0, 1)], true);
+        assert_eq!(s.settled(0), 7);
+        assert_eq!(s.take_failed(0), [6]);
+
+        // Shards beyond the table are ignored, not a panic; the last one in range works.
+        s.settle(&[t(MAX_TICKET_SHARDS, 1), t(usize::MAX, 1), t(MAX_TICKET_SHARDS - 1, 9)], false);
+        assert_eq!((s.settled(MAX_TICKET_SHARDS), s.settled(MAX_TICKET_SHARDS - 1)), (0, 9));
+        assert_eq!(s.take_failed(MAX_TICKET_SHARDS - 1), [9]);
+    }
+
+    #[test]
+    fn queue_slots_stay_small() {
+        // One relayed message = one op in a 65536-slot queue.
+        assert!(std::mem::size_of::<WriteOp>() <= 104, "{}", std::mem::size_of::<WriteOp>());
+        assert!(std::mem::size_of::<Msg>() <= 120, "{}", std::mem::size_of::<Msg>());
+    }
 }
