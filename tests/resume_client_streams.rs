@@ -754,3 +754,117 @@ fn after_history_ttl_a_closed_session_is_offline_and_no_longer_resumable() {
     expect_resumed(&mut r, a.agent_id(), false);
     assert_quiet(&mut r, CLIENT_NOISE);
 }
+
+/// What became of a flood of addressed sends to a client that never reads until the relay
+/// closes it with 4008: each send's answer, what the client read before the close, and what
+/// a resume (`since` = the last read) replays.
+struct SlowConsumer {
+    answers: std::collections::BTreeMap<u64, Frame>,
+    got: Vec<u64>,
+    replayed: Vec<u64>,
+}
+
+fn slow_consumer_then_resume() -> SlowConsumer {
+    let d = Daemon::with_config(
+        "[limits]\nmax_frame_bytes = 32768\nsend_buffer_bytes = 65536\n\
+         messages_per_sec_per_user = 100000\nmessages_burst_per_user = 100000\n",
+    );
+    let a = d.hmac_agent("u1", "a");
+    let mut ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    let mut c = d.client(&t, Some(a.agent_id()));
+    await_session_event(&mut ag, &c.session, true);
+    let old = c.session.clone();
+    let pad = "y".repeat(16 * 1024);
+    // The client never reads while the agent floods it, until the relay gives up on it.
+    let mut answers: std::collections::BTreeMap<u64, Frame> = Default::default();
+    let read_answers =
+        |ag: &mut AgentConn, answers: &mut std::collections::BTreeMap<u64, Frame>, t: Duration| {
+            while let switchboard::client::Event::Frame(f) = ag.recv(t) {
+                match f.ty() {
+                    "ack" | "error" => {
+                        let i = f.str("id").trim_start_matches('f').parse().expect("an id we sent");
+                        answers.insert(i, f);
+                    }
+                    "session" => {}
+                    _ => panic!("unexpected {}", f.text),
+                }
+            }
+        };
+    let mut sent = 0u64;
+    while !answers.values().any(|f| f.ty() == "error") {
+        assert!(sent < 6000, "sent {sent} x 16 KiB to a reader that never reads and it is still open");
+        ag.send(Some(&old), &json!({"i": sent, "pad": pad}), Some(&format!("f{sent}"))).unwrap();
+        sent += 1;
+        if sent % 25 == 0 {
+            read_answers(&mut ag, &mut answers, Duration::from_millis(1));
+        }
+    }
+    ag.ws.ping().unwrap();
+    loop {
+        let f = agent_next(&mut ag);
+        if f.ty() == "pong" {
+            break;
+        }
+        let i = f.str("id").trim_start_matches('f').parse().expect("an id we sent");
+        answers.insert(i, f);
+    }
+    assert_eq!(answers.len() as u64, sent, "every send was answered");
+
+    // What the client got before the 4008, then what a resume adds.
+    let (code, frames) = expect_close(&mut c, Duration::from_secs(20));
+    assert_eq!(code, 4008);
+    drop(c);
+    let mut got: Vec<u64> = Vec::new();
+    let mut last = 0;
+    let mut epoch = String::new();
+    for f in &frames {
+        let m = stream_msg(f);
+        assert_eq!(m.seq, last + 1, "in order before the close");
+        last = m.seq;
+        epoch = m.epoch;
+        got.push(m.data["i"].as_u64().unwrap());
+    }
+    let mut r = client_q(&d, &t, Some(a.agent_id()), &resume_query(Some(last), Some(&epoch), Some(&old)));
+    let mut replayed: Vec<u64> = Vec::new();
+    loop {
+        let f = client_next(&mut r);
+        if f.ty() == "resumed" {
+            assert_eq!(f.value["recovered"], json!(true), "{}", f.text);
+            break;
+        }
+        let m = stream_msg(&f);
+        assert_eq!(m.seq, last + 1, "in order in the replay");
+        last = m.seq;
+        replayed.push(m.data["i"].as_u64().unwrap());
+    }
+    SlowConsumer { answers, got, replayed }
+}
+
+#[test]
+fn a_slow_consumer_closed_with_4008_gets_every_acked_message_on_resume() {
+    let SlowConsumer { answers, got, replayed } = slow_consumer_then_resume();
+    let acked: Vec<u64> = answers.iter().filter(|(_, f)| f.ty() == "ack").map(|(i, _)| *i).collect();
+    let all: Vec<u64> = got.iter().chain(&replayed).copied().collect();
+    for i in &acked {
+        assert_eq!(
+            all.iter().filter(|x| *x == i).count(),
+            1,
+            "message {i} was acked: it arrives exactly once"
+        );
+    }
+    assert!(!replayed.is_empty() || acked.iter().all(|i| got.contains(i)));
+}
+
+#[test]
+fn a_send_answered_offline_because_the_session_was_too_slow_is_not_replayed() {
+    let SlowConsumer { answers, got, replayed } = slow_consumer_then_resume();
+    let all: Vec<u64> = got.iter().chain(&replayed).copied().collect();
+    let offline: Vec<u64> = answers.iter().filter(|(_, f)| f.ty() == "error").map(|(i, _)| *i).collect();
+    let replayed_offline: Vec<&u64> = offline.iter().filter(|i| all.contains(i)).collect();
+    assert!(
+        replayed_offline.is_empty(),
+        "sends answered offline ({:?}) were replayed: {replayed_offline:?} (offline means not kept, spec §4.5)",
+        offline.iter().map(|i| answers[i].text.clone()).collect::<Vec<_>>()
+    );
+}
