@@ -10,6 +10,9 @@
 //! sent a protocol `ping`, and its next frame must be the `pong`: whatever arrived before it
 //! and was not predicted fails the case.
 //!
+//! Offline delivery (spec §8) is turned off for these daemons (`history.max_messages = 0`,
+//! `mailbox.max_messages = 0`); messages still carry `seq`/`epoch`, which the model ignores.
+//!
 //! Deterministic given the seed (printed; `ISOLATION_SEED=<n>` replays, `ISOLATION_CASES=<n>`
 //! runs more cases). A failure prints the seed, the minimal program and the trace of its run.
 
@@ -629,7 +632,12 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
 fn run_case(s: &Scenario) -> Result<(), TestCaseError> {
     let mut d = Daemon::start(DaemonOpts {
         shards: 4,
-        config_toml: "[presence]\noffline_grace_ms = 0\n".into(),
+        // The model is spec §5 routing: offline delivery (§8) is off here, so an offline agent
+        // or a closed session is `offline`; §8's own isolation is checked by the resume and
+        // mailbox suites.
+        config_toml:
+            "[presence]\noffline_grace_ms = 0\n[history]\nmax_messages = 0\n[mailbox]\nmax_messages = 0\n"
+                .into(),
         ..DaemonOpts::default()
     });
     let users: Vec<String> = (0..s.agents_per_user.len()).map(|i| format!("user-{i}")).collect();
