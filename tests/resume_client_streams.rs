@@ -853,7 +853,6 @@ fn a_slow_consumer_closed_with_4008_gets_every_acked_message_on_resume() {
             "message {i} was acked: it arrives exactly once"
         );
     }
-    assert!(!replayed.is_empty() || acked.iter().all(|i| got.contains(i)));
 }
 
 #[test]
