@@ -58,7 +58,13 @@ pub struct Stream {
     /// Bytes of frames in `entries`.
     pub bytes: usize,
     pub lease: Lease,
+    /// LMDB holds no entry below this seq (trims are sent in steps of [`TRIM_STEP`]).
+    db_first: u64,
 }
+
+/// History records are deleted from LMDB in steps of this many (one range delete instead of
+/// one delete per message); a load trims the few extra.
+const TRIM_STEP: u64 = 32;
 
 impl Stream {
     fn new(user: &str, agent: &str) -> Stream {
@@ -70,6 +76,7 @@ impl Stream {
             bytes: 0,
             // A new epoch is in no one's hands yet: no lease needed.
             lease: Lease::Held,
+            db_first: 1,
         }
     }
 
@@ -86,6 +93,7 @@ impl Stream {
         self.epoch = crate::ids::epoch_id().into();
         self.next_seq = 1;
         self.lease = Lease::Held;
+        self.db_first = 1;
         crate::metrics::stream_rotated(reason);
     }
 
@@ -251,6 +259,7 @@ pub fn load(shard: &ShardCtx, user: &str) -> Durable {
         st.epoch = s.epoch.as_str().into();
         st.next_seq = s.last_seq + 1;
         st.lease = Lease::Clean;
+        st.db_first = s.entries.first().map_or(st.next_seq, |e| e.seq);
         // Keep the young, contiguous run that ends at last_seq; anything before a gap counts
         // as trimmed.
         let mut kept: Vec<Entry> = Vec::new();
@@ -402,7 +411,7 @@ pub fn target(shard: &ShardCtx, user: &UserState, agent: &str, to: &str) -> Resu
     }
     let ttl = shard.cfg().history.ttl_secs;
     match user.durable.closed.get_key_value(to) {
-        Some((id, c)) if history_on(shard) && unix_now().saturating_sub(c.closed_at) < ttl => {
+        Some((id, c)) if history_on(shard) && shard.unix().saturating_sub(c.closed_at) < ttl => {
             if c.can_reach(agent) {
                 Ok(Target::Queued(id.clone()))
             } else {
@@ -439,12 +448,18 @@ pub fn stamp(
     if max_messages == 0 {
         return (frame, 0, gate);
     }
-    let at = unix_now();
+    let at = shard.unix();
     stream.entries.push_back(Entry { seq, at, to: to.cloned(), frame: frame.clone() });
     stream.bytes += frame.len();
     shard.stats.history_entries.set(shard.stats.history_entries.get() + 1);
     shard.stats.history_bytes.set(shard.stats.history_bytes.get() + frame.len() as i64);
     let first = stream.trim(shard, max_messages, max_bytes, at.saturating_sub(ttl));
+    let trim_below = if first >= stream.db_first + TRIM_STEP {
+        stream.db_first = first;
+        first
+    } else {
+        0
+    };
     let op = WriteOp::HistoryAppend {
         key: stream.key.clone(),
         epoch: stream.epoch.clone(),
@@ -452,7 +467,7 @@ pub fn stamp(
         at,
         to: to.map(|s| Arc::from(&**s)),
         frame: frame.clone(),
-        trim_below: first,
+        trim_below,
     };
     let ticket = send(shard, d, op).unwrap_or(0);
     (frame, ticket, gate)
@@ -620,7 +635,7 @@ pub fn enqueue_mail(
         let m = &shard.cfg().mailbox;
         (m.max_messages, m.max_bytes, m.ttl_secs)
     };
-    let now = unix_now();
+    let now = shard.unix();
     let UserState { user: name, durable: d, .. } = user;
     let mb = d.mailboxes.entry(agent.clone()).or_insert_with(|| Mailbox::new(name, agent));
     expire_mail(shard, mb, now.saturating_sub(ttl));
@@ -760,6 +775,7 @@ pub fn sweep(shard: &ShardCtx, user: &mut UserState, now: u64) {
         let first = s.trim(shard, h_max, h_bytes, oldest);
         if first_before.is_some_and(|f| f < first) && h_max > 0 {
             // The writer's retention deletes by age as well; this keeps LMDB in step sooner.
+            s.db_first = first;
             let op = WriteOp::HistoryTrim { key: s.key.clone(), epoch: s.epoch.clone(), below: first };
             if let Some(t) = shard.send_durable(op) {
                 d.last_ticket = t;

@@ -238,6 +238,13 @@ fn agent_send(
             let mut tst = target.st.borrow_mut();
             match shard.deliver_after(&target, &mut tst, frame, after) {
                 Queued::Yes => deliveries = 1,
+                // The session is closing (or was just closed as too slow to receive, 4008):
+                // the message is in its stream, addressed to it, and a resume of the session
+                // gets it — so it is answered like a send to a closed session.
+                Queued::Closed | Queued::Overflow if ticket != 0 => {
+                    drop(tst);
+                    return ack_queued(shard, conn, st, m, ticket, now);
+                }
                 Queued::Closed => {
                     drop(tst);
                     crate::metrics::dropped("offline");
@@ -271,22 +278,7 @@ fn agent_send(
                     "the session is closed and the store is busy",
                 );
             }
-            crate::metrics::ShardStats::add(&shard.stats.queued_for_session, 1);
-            shard.stats.relayed(now, 0);
-            if let Some(id) = m.id {
-                let p = Pending {
-                    after: ticket,
-                    frame: frames::ack_queued(id),
-                    on_fail: OnFail::Send(frames::error(
-                        "offline",
-                        Some(id),
-                        "the message could not be stored",
-                    )),
-                    budgeted: false,
-                };
-                shard.defer(conn, st, p);
-            }
-            return;
+            return ack_queued(shard, conn, st, m, ticket, now);
         }
         Target::Broadcast => {
             for target in user.sessions.values() {
@@ -303,6 +295,22 @@ fn agent_send(
     shard.stats.relayed(now, deliveries);
     if let Some(id) = m.id {
         reply(shard, conn, st, frames::ack(id));
+    }
+}
+
+/// An agent's message kept for a closed (or closing) session: `ack … queued:true` once its
+/// history record is committed.
+fn ack_queued(shard: &ShardCtx, conn: &ConnRef, st: &mut ConnState, m: &Inbound, ticket: u64, now: Instant) {
+    crate::metrics::ShardStats::add(&shard.stats.queued_for_session, 1);
+    shard.stats.relayed(now, 0);
+    if let Some(id) = m.id {
+        let p = Pending {
+            after: ticket,
+            frame: frames::ack_queued(id),
+            on_fail: OnFail::Send(frames::error("offline", Some(id), "the message could not be stored")),
+            budgeted: false,
+        };
+        shard.defer(conn, st, p);
     }
 }
 

@@ -57,6 +57,9 @@ pub struct ShardCtx {
     /// Accepted upgrade nonces per agent, with the last time each window was used.
     nonces: RefCell<HashMap<String, (NonceWindow, u64)>>,
     now: Cell<Instant>,
+    /// Wall-clock seconds at `unix_base.1` (re-read by every sweep), so per-message
+    /// timestamps cost no clock read.
+    unix_base: Cell<(u64, Instant)>,
     /// The last commit ticket this shard handed the store writer (spec §8 durability).
     next_ticket: Cell<u64>,
     /// Every ticket up to this one has been through a commit (see `failed`).
@@ -85,6 +88,7 @@ impl ShardCtx {
             sig_scratch: RefCell::default(),
             nonces: RefCell::default(),
             now: Cell::new(Instant::now()),
+            unix_base: Cell::new((unix_now(), Instant::now())),
             next_ticket: Cell::new(0),
             settled: Cell::new(0),
             failed: RefCell::default(),
@@ -107,6 +111,12 @@ impl ShardCtx {
     /// The time at the start of the current batch (one clock read per batch).
     pub fn now(&self) -> Instant {
         self.now.get()
+    }
+
+    /// Unix seconds at the start of the current batch (wall clock re-read once a second).
+    pub fn unix(&self) -> u64 {
+        let (base, at) = self.unix_base.get();
+        base + self.now().saturating_duration_since(at).as_secs()
     }
 
     pub fn refresh_now(&self) -> Instant {
@@ -212,6 +222,7 @@ impl ShardCtx {
         self.check_commits();
         let now = self.refresh_now();
         let unix = unix_now();
+        self.unix_base.set((unix, now));
         let (hb, idle, budget) = {
             let l = &self.cfg().limits;
             (

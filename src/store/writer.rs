@@ -50,6 +50,8 @@ pub const WRITER_QUEUE_CAPACITY: usize = 65536;
 pub const WRITER_BATCH_MAX: usize = 1024;
 /// Longest wait for more ops after the first one before committing.
 pub const WRITER_BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// How long the writer naps between polls of its queue while gathering a batch.
+const WRITER_POLL_NAP: Duration = Duration::from_micros(500);
 /// Pause between retention passes while a backlog remains (lets batches through in between).
 const RETENTION_BACKLOG_PAUSE: Duration = Duration::from_millis(20);
 /// Shards whose tickets the writer tracks: [`Ticket::shard`] must be below this.
@@ -585,11 +587,20 @@ fn run(store: &Store, rx: &Receiver<Msg>, shared: &Shared, retention: &Retention
         let mut next = Next::Continue;
         let mut window_open = accept(first, &mut batch, &mut flushes, &mut next);
         let deadline = Instant::now() + WRITER_BATCH_WINDOW;
+        // Gather without blocking in the channel: a receiver parked in `recv` makes every
+        // `try_send` of a shard pay a futex wake (a syscall per relayed message). Polling in
+        // short naps costs the writer a few wake-ups per window instead.
         while window_open && batch.len() <= WRITER_BATCH_MAX {
-            match rx.recv_deadline(deadline) {
+            match rx.try_recv() {
                 Ok(msg) => window_open = accept(msg, &mut batch, &mut flushes, &mut next),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
+                Err(TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    std::thread::sleep((deadline - now).min(WRITER_POLL_NAP));
+                }
+                Err(TryRecvError::Disconnected) => {
                     next = Next::Exit;
                     break;
                 }
