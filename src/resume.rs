@@ -146,6 +146,9 @@ impl Stream {
     }
 }
 
+/// Most closed sessions one user keeps resumable (the oldest are forgotten first).
+pub const MAX_CLOSED_PER_USER: usize = 1024;
+
 /// A closed session that can still be resumed (for `history.ttl_secs`).
 pub struct ClosedSession {
     pub closed_at: u64,
@@ -595,6 +598,14 @@ pub fn on_client_close(shard: &ShardCtx, user: &mut UserState, session: &Rc<str>
         d,
         WriteOp::SessionClosed(Box::new(SessionClosed { user: (**name).into(), session: stored })),
     );
+    if d.closed.len() >= MAX_CLOSED_PER_USER {
+        // A client that reconnects in a tight loop must not grow this without bound: the
+        // oldest resumable session goes first.
+        if let Some(oldest) = d.closed.iter().min_by_key(|(_, c)| c.closed_at).map(|(k, _)| k.clone()) {
+            d.closed.remove(&oldest);
+            send(shard, d, WriteOp::SessionForget { user: (**name).into(), session: (*oldest).into() });
+        }
+    }
     d.closed.insert(
         session.clone(),
         ClosedSession { closed_at, bound: bound.clone(), allow: allow.clone(), marks },
