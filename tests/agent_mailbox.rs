@@ -13,28 +13,9 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use switchboard::client::{AgentConn, ClientConn, Event};
+use switchboard::client::{AgentConn, Event};
 
 const HIGH_RATE: &str = "[limits]\nmessages_per_sec_per_user = 100000\nmessages_burst_per_user = 100000\n";
-
-/// Client `send` with an id; it must be acked `queued:true`.
-#[track_caller]
-fn queue(c: &mut ClientConn, to: Option<&str>, data: &Value, id: &str) {
-    c.send(to, data, Some(id)).unwrap();
-    expect_ack_queued(c, CLIENT_NOISE, id);
-}
-
-/// The next agent frame must be the mailbox message (`from`, `seq`, `data`).
-#[track_caller]
-fn expect_mail(ag: &mut AgentConn, from: &str, seq: u64, data: &Value) {
-    let f = agent_next(ag);
-    assert_eq!(
-        mailbox_msg(&f),
-        (from.to_string(), seq, data.clone()),
-        "unexpected mailbox message {}",
-        f.text
-    );
-}
 
 /// The next agent frame must be a live message (no `seq`) from `from` with `data`.
 #[track_caller]

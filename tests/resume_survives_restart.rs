@@ -8,30 +8,13 @@ mod common;
 
 use common::resume::*;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Duration;
 use switchboard::client::{AgentConn, ClientConn};
 
 /// Long enough for the writer thread to commit what is written behind (one group commit is
 /// ~5 ms); it only makes the state at the kill well defined, nothing is timed.
 const WRITE_BEHIND: Duration = Duration::from_secs(2);
-
-#[track_caller]
-fn queue(c: &mut ClientConn, data: &Value, id: &str) {
-    c.send(None, data, Some(id)).unwrap();
-    expect_ack_queued(c, CLIENT_NOISE, id);
-}
-
-#[track_caller]
-fn expect_mail(ag: &mut AgentConn, from: &str, seq: u64, data: &Value) {
-    let f = agent_next(ag);
-    assert_eq!(
-        mailbox_msg(&f),
-        (from.to_string(), seq, data.clone()),
-        "unexpected mailbox message {}",
-        f.text
-    );
-}
 
 /// Closes a client and waits until the relay closed its session (the agent is told).
 #[track_caller]
@@ -59,8 +42,8 @@ fn after_sigterm_clients_resume_with_recovered_true_and_agents_get_their_queued_
     agent_send(&mut ag, Some(&away), &json!("for away"), "2", Ack::Queued);
     agent_send(&mut ag, None, &json!("m3"), "3", Ack::Live);
     agent_send(&mut ag, Some(&live.session), &json!("for live"), "4", Ack::Live);
-    queue(&mut to_b, &json!("mail-1"), "q1");
-    queue(&mut to_b, &json!("mail-2"), "q2");
+    queue(&mut to_b, None, &json!("mail-1"), "q1");
+    queue(&mut to_b, None, &json!("mail-2"), "q2");
 
     // `live` has read seq 1 only; what arrives before the 1001 counts as lost with it.
     d.signal(libc::SIGTERM);
@@ -155,7 +138,7 @@ fn mailbox_messages_acked_queued_survive_sigkill_and_confirmed_ones_stay_confirm
     let b = d.hmac_agent("u1", "b");
     let mut c = d.client(&d.token("u1", &[], "1h"), Some(b.agent_id()));
     for n in 1..=3 {
-        queue(&mut c, &json!(n), &format!("q{n}"));
+        queue(&mut c, None, &json!(n), &format!("q{n}"));
     }
     let s = c.session.clone();
     // No wait: the ack promised the commit.

@@ -355,3 +355,22 @@ pub fn await_presence(c: &mut ClientConn, agent: &str, online: bool) {
         }
     }
 }
+
+/// Client `send` with an id; it must be acked `queued:true`.
+#[track_caller]
+pub fn queue(c: &mut ClientConn, to: Option<&str>, data: &Value, id: &str) {
+    c.send(to, data, Some(id)).unwrap();
+    expect_ack_queued(c, CLIENT_NOISE, id);
+}
+
+/// The next agent frame must be the mailbox message (`from`, `seq`, `data`).
+#[track_caller]
+pub fn expect_mail(ag: &mut AgentConn, from: &str, seq: u64, data: &Value) {
+    let f = agent_next(ag);
+    assert_eq!(
+        mailbox_msg(&f),
+        (from.to_string(), seq, data.clone()),
+        "unexpected mailbox message {}",
+        f.text
+    );
+}
