@@ -207,8 +207,10 @@ fn undeliverable_sends_get_offline_or_not_allowed_per_section_5() {
     expect_type(&mut bg1, "session");
 
     // Client sends (§5, third rule).
+    // The user's own agent, offline: queued in its mailbox (§8), acked `queued:true`.
     c.send(Some(a2.agent_id()), &json!(1), Some("own-offline")).unwrap();
-    expect_err(&mut c, "offline", Some("own-offline"));
+    let f = next_skipping(&mut c, &["presence"], WAIT);
+    assert_eq!(f.value, json!({"type":"ack","id":"own-offline","queued":true}));
     for (target, id) in
         [(b1.agent_id(), "other-user"), ("no_such_agent_123", "absent"), (a3.agent_id(), "revoked")]
     {
@@ -223,9 +225,11 @@ fn undeliverable_sends_get_offline_or_not_allowed_per_section_5() {
     // Agent sends (§5, first rule).
     ag1.send(Some(&bound_a2.session), &json!(1), Some("same-user-unreachable")).unwrap();
     expect_err(&mut ag1, "not_allowed", Some("same-user-unreachable"));
-    for (to, id) in
-        [(closed.as_str(), "closed"), ("never-existed", "never"), (theirs.session.as_str(), "their-session")]
-    {
+    // A closed session of this user stays resumable (§8): kept, acked `queued:true`.
+    ag1.send(Some(&closed), &json!(1), Some("closed")).unwrap();
+    let f = next_skipping(&mut ag1, &["session"], WAIT);
+    assert_eq!(f.value, json!({"type":"ack","id":"closed","queued":true}));
+    for (to, id) in [("never-existed", "never"), (theirs.session.as_str(), "their-session")] {
         ag1.send(Some(to), &json!(1), Some(id)).unwrap();
         expect_err(&mut ag1, "offline", Some(id));
     }
