@@ -250,7 +250,8 @@ pub fn load(shard: &ShardCtx, user: &str) -> Durable {
     for s in stored.streams {
         let agent: Rc<str> = s.agent.as_str().into();
         let mut st = Stream::new(user, &s.agent);
-        if !s.clean || h.max_messages == 0 || !crate::ids::is_valid_id(&s.epoch) {
+        // (A seq near 2^64 can only come from a damaged record: start over rather than wrap.)
+        if !s.clean || h.max_messages == 0 || !crate::ids::is_valid_id(&s.epoch) || s.last_seq >= 1 << 62 {
             // The daemon stopped while sessions were receiving this stream (or history is
             // off): messages may have gone out that LMDB never saw. New epoch.
             if s.clean || !s.entries.is_empty() || s.last_seq > 0 {
@@ -303,6 +304,10 @@ pub fn load(shard: &ShardCtx, user: &str) -> Durable {
     if m.max_messages > 0 {
         let oldest_mail = now.saturating_sub(m.ttl_secs);
         for s in stored.mailboxes {
+            if s.last_seq >= 1 << 62 {
+                tracing::warn!("store: skipping a mailbox with an impossible seq");
+                continue;
+            }
             let mut mb = Mailbox::new(user, &s.agent);
             mb.last_seq = s.last_seq;
             mb.acked = s.acked;
