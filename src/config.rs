@@ -189,7 +189,8 @@ pub struct Records {
 pub struct History {
     /// Most messages kept per stream; 0 turns history off (messages still carry `seq`/`epoch`).
     pub max_messages: usize,
-    /// Most bytes of frames kept per stream (the oldest are trimmed first).
+    /// Most bytes of frames kept per stream (the oldest are trimmed first; a message larger
+    /// than this is delivered live but cannot be replayed).
     pub max_bytes: usize,
     /// Messages older than this are trimmed; closed sessions stay resumable this long.
     pub ttl_secs: u64,
@@ -207,7 +208,7 @@ impl Default for History {
 pub struct Mailbox {
     /// Most messages queued per agent; one more is `mailbox_full`. 0 turns mailboxes off.
     pub max_messages: usize,
-    /// Most bytes of frames queued per agent.
+    /// Most bytes of frames queued per agent (a larger message is `mailbox_full`).
     pub max_bytes: usize,
     /// Queued messages older than this expire undelivered (counted).
     pub ttl_secs: u64,
@@ -438,8 +439,8 @@ impl Config {
         if h.max_messages > 1_000_000 {
             return Err(invalid("history.max_messages", "must be at most 1000000"));
         }
-        if h.max_messages > 0 && h.max_bytes < l.max_frame_bytes {
-            return Err(invalid("history.max_bytes", "must be at least limits.max_frame_bytes"));
+        if h.max_bytes < 1024 {
+            return Err(invalid("history.max_bytes", "must be at least 1024"));
         }
         if h.ttl_secs == 0 || h.ttl_secs > 30 * 86_400 {
             return Err(invalid("history.ttl_secs", "must be between 1 and 2592000"));
@@ -448,8 +449,8 @@ impl Config {
         if m.max_messages > 10_000_000 {
             return Err(invalid("mailbox.max_messages", "must be at most 10000000"));
         }
-        if m.max_messages > 0 && m.max_bytes < l.max_frame_bytes {
-            return Err(invalid("mailbox.max_bytes", "must be at least limits.max_frame_bytes"));
+        if m.max_bytes < 1024 {
+            return Err(invalid("mailbox.max_bytes", "must be at least 1024"));
         }
         if m.ttl_secs == 0 || m.ttl_secs > 365 * 86_400 {
             return Err(invalid("mailbox.ttl_secs", "must be between 1 and 31536000"));
