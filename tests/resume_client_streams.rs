@@ -147,9 +147,8 @@ struct Cycle {
     queued_gen: Option<usize>,
     /// Sessions the agent was told are closed.
     closed: HashSet<String>,
-    /// The client is about to close its session: the agent only broadcasts until the relay
-    /// reports the session closed (a send into the closing window is covered, and answered
-    /// inconsistently today, by `a_send_to_a_closing_session_is_answered_the_way_its_replay_behaves`).
+    /// The client is about to close its session (the agent keeps addressing it: a send into
+    /// the closing window is kept for the resume and acked `queued:true`).
     closing: bool,
     /// The agent has seen `closing` (no addressed send is in flight any more).
     saw_closing: bool,
@@ -206,15 +205,15 @@ fn reconnect_cycles_under_continuous_agent_traffic_deliver_every_message_exactly
         std::thread::spawn(move || {
             let mut sent: Vec<(Value, bool)> = Vec::new();
             for i in 1.. {
-                let (gen, session, closing) = {
+                let (gen, session) = {
                     let mut s = shared.lock().unwrap();
                     if s.stop {
                         break;
                     }
                     s.saw_closing = s.closing;
-                    (s.gen, s.session.clone(), s.closing)
+                    (s.gen, s.session.clone())
                 };
-                let addressed = rng.below(2) == 0 && !closing;
+                let addressed = rng.below(2) == 0;
                 let data = json!({"i": i, "to": if addressed { json!(gen) } else { Value::Null }});
                 let id = format!("i{i}");
                 ag.send(addressed.then_some(session.as_str()), &data, Some(&id)).unwrap();
