@@ -494,10 +494,21 @@ pub fn on_client_open(
     let bound = bound.clone();
     let now = unix_now();
     let ttl = shard.cfg().history.ttl_secs;
-    let UserState { user: name, durable: d, .. } = user;
+    let UserState { user: name, durable: d, sessions, .. } = user;
     // Take over the old session: it is no longer resumable, and sends to it reach this one.
     let old: Option<(Rc<str>, Option<ClosedSession>)> = req.old_session.as_deref().map(|r| {
         let r: Rc<str> = r.into();
+        if let Some(prev) = sessions.get(&r).filter(|c| !Rc::ptr_eq(c, conn)) {
+            // Still open here — typically a phone whose connection died without a close,
+            // not yet noticed by the heartbeat. Its client is back on this connection: the
+            // old one is closed (4009) and its sends come here. What it had received is
+            // unknown, so only a `since` can recover it.
+            let mut pst = prev.st.borrow_mut();
+            pst.close(4009, "resumed by a newer connection", shard.now());
+            shard.mark_dirty(prev, &mut pst);
+            d.aliases.insert(r.clone(), session.clone());
+            return (r, None);
+        }
         let c = d.closed.remove(&r).filter(|c| now.saturating_sub(c.closed_at) < ttl);
         if c.is_some() {
             send(shard, d, WriteOp::SessionForget { user: (**name).into(), session: (*r).into() });

@@ -82,3 +82,30 @@ fn a_message_to_an_offline_agent_waits_in_its_mailbox() {
     let ack = next_skipping(&mut c, &["presence"], WAIT);
     assert_eq!(ack.value, json!({"type":"ack","id":"a3"}));
 }
+
+#[test]
+fn resuming_a_session_that_still_looks_open_takes_it_over() {
+    // A phone whose connection died without a close: the relay has not noticed yet when the
+    // phone is back with `resume=`.
+    let d = Daemon::start_default();
+    let cred = d.hmac_agent("carol", "bot");
+    let id = cred.agent_id().to_string();
+    let mut agent = d.agent(&cred);
+    let token = d.token("carol", &[], "1h");
+    let mut c1 = d.client(&token, Some(&id));
+    expect_type(&mut agent, "session");
+    agent.send(Some(&c1.session), &json!("m1"), None).unwrap();
+    let m1 = expect_type(&mut c1, "message");
+    let epoch = m1.str("epoch").to_string();
+    let old = c1.session.clone();
+    let mut c2 = resume_client(&d, &token, &id, &format!("since=1&epoch={epoch}&resume={old}"));
+    let r = expect_type(&mut c2, "resumed");
+    assert_eq!(r.value["recovered"], true);
+    // The old connection is closed as replaced; sends to the old session reach the new one.
+    assert_eq!(expect_close(&mut c1, WAIT).0, 4009);
+    agent.send(Some(&old), &json!("m2"), Some("k2")).unwrap();
+    let m2 = next_skipping(&mut c2, &["presence"], WAIT);
+    assert_eq!((m2.value["seq"].clone(), m2.value["data"].clone()), (json!(2), json!("m2")));
+    let ack = next_skipping(&mut agent, &["session"], WAIT);
+    assert_eq!(ack.value, json!({"type":"ack","id":"k2"}));
+}
