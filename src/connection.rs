@@ -444,25 +444,19 @@ impl ShardCtx {
     /// Queues `frame` on `conn` (whose state the caller has borrowed as `st`) and schedules
     /// a flush at the end of the current batch.
     pub fn deliver(&self, conn: &ConnRef, st: &mut ConnState, frame: Bytes) -> Queued {
-        let budget = self.cfg().limits.send_buffer_bytes;
-        let q = st.enqueue(frame, budget, self.now());
-        if q == Queued::Yes {
-            crate::metrics::ShardStats::add(&self.stats.frames_out, 1);
-        }
-        self.mark_dirty(conn, st);
-        q
+        self.deliver_after(conn, st, frame, 0)
     }
 
-    /// [`deliver`](Self::deliver), written only once commit ticket `after` has settled.
+    /// [`deliver`](Self::deliver), written only once commit ticket `after` has settled
+    /// (0: no wait, only behind the backlog if there is one).
     pub fn deliver_after(&self, conn: &ConnRef, st: &mut ConnState, frame: Bytes, after: u64) -> Queued {
-        if after == 0 {
-            return self.deliver(conn, st, frame);
-        }
         let budget = self.cfg().limits.send_buffer_bytes;
         let q = st.enqueue_after(frame, after, budget, self.now());
         if q == Queued::Yes {
             crate::metrics::ShardStats::add(&self.stats.frames_out, 1);
-            self.pump_backlog(conn, st);
+            if after != 0 {
+                self.pump_backlog(conn, st);
+            }
         }
         self.mark_dirty(conn, st);
         q
@@ -478,9 +472,8 @@ impl ShardCtx {
             st.waiting = true;
             self.waiting.borrow_mut().push(conn.clone());
         }
-        if st.queued_bytes() != before && !st.dirty {
-            st.dirty = true;
-            self.dirty.borrow_mut().push(conn.clone());
+        if st.queued_bytes() != before {
+            self.mark_dirty(conn, st);
         }
     }
 

@@ -340,6 +340,12 @@ fn stream_entry<'a>(shard: &ShardCtx, d: &'a mut Durable, user: &str, agent: &Rc
     })
 }
 
+/// Whether delivering a frame of `agent`'s stream now would first need its lease (the
+/// stream exists and does not hold it; a new stream's epoch needs none).
+pub fn lease_needed(user: &UserState, agent: &str) -> bool {
+    user.durable.streams.get(agent).is_some_and(|s| s.lease != Lease::Held)
+}
+
 /// Makes sure `stream` may deliver now; `Some(ticket)` when its frames must wait for that
 /// commit first. When the store cannot take the lease, the stream starts a new epoch (which
 /// needs none).

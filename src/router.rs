@@ -225,7 +225,13 @@ fn agent_send(
     let (live, to_session) = match &target {
         Target::Live(c) => (true, resume::session_of(c).cloned()),
         Target::Queued(s) => (false, Some(s.clone())),
-        Target::Broadcast => (user.sessions.values().any(|s| s.st.borrow().role.can_reach(agent_id)), None),
+        // Only a stream without its lease needs to know whether anyone will see this now
+        // (the common case, a held lease, skips the scan).
+        Target::Broadcast => (
+            resume::lease_needed(user, agent_id)
+                && user.sessions.values().any(|s| s.st.borrow().role.can_reach(agent_id)),
+            None,
+        ),
     };
     // Every message of the agent to its user is part of its stream (spec §8): seq, epoch,
     // history. Live frames wait behind the stream's lease when it has to be taken first.

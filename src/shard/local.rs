@@ -182,7 +182,7 @@ impl ShardCtx {
         if !failed.is_empty() {
             tracing::error!(ops = failed.len(), "store commits failed; their acks become errors");
             self.failed.borrow_mut().extend(failed);
-            let set = self.failed.borrow().clone();
+            let set = self.failed.borrow();
             for u in self.users.borrow().values() {
                 if let Ok(mut u) = u.try_borrow_mut() {
                     crate::resume::on_failed(self, &mut u, &set);
