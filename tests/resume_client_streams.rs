@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use switchboard::client::{AgentConn, ClientConn, ClientOpts, Frame};
+use switchboard::client::{AgentConn, AgentCredential, ClientConn, ClientOpts, Frame};
 
 const HIGH_RATE: &str = "[limits]\nmessages_per_sec_per_user = 100000\nmessages_burst_per_user = 100000\n";
 
@@ -39,6 +39,14 @@ fn leave(mut c: ClientConn, drain: bool) -> (String, Vec<Frame>) {
         Vec::new()
     };
     (c.session.clone(), frames)
+}
+
+/// User `u1` with its agent `a` connected, and a token for `u1`.
+fn one_agent(d: &Daemon) -> (AgentCredential, AgentConn, String) {
+    let a = d.hmac_agent("u1", "a");
+    let ag = d.agent(&a);
+    let t = d.token("u1", &[], "1h");
+    (a, ag, t)
 }
 
 #[test]
@@ -86,9 +94,7 @@ fn every_message_to_a_client_carries_seq_and_epoch_per_agent_stream_and_user() {
 #[test]
 fn a_resumed_client_gets_exactly_the_missed_messages_in_order_then_resumed_then_live_traffic() {
     let d = Daemon::start_default();
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     let mut c = d.client(&t, Some(a.agent_id()));
     let mut other = d.client(&t, Some(a.agent_id()));
     agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
@@ -335,9 +341,7 @@ fn reconnect_cycles_under_continuous_agent_traffic_deliver_every_message_exactly
 #[test]
 fn a_wrong_epoch_gives_recovered_false_and_no_replay_at_all() {
     let d = Daemon::start_default();
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     let mut c = d.client(&t, Some(a.agent_id()));
     agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
@@ -359,9 +363,7 @@ fn a_wrong_epoch_gives_recovered_false_and_no_replay_at_all() {
 #[test]
 fn since_beyond_the_last_seq_gives_recovered_false_and_since_at_it_recovers_nothing_missed() {
     let d = Daemon::start_default();
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     let mut c = d.client(&t, Some(a.agent_id()));
     agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
     agent_send(&mut ag, None, &json!("m2"), "2", Ack::Live);
@@ -386,9 +388,7 @@ fn since_beyond_the_last_seq_gives_recovered_false_and_since_at_it_recovers_noth
 #[test]
 fn a_resume_from_before_the_trimmed_history_gives_recovered_false() {
     let d = Daemon::with_config("[history]\nmax_messages = 5\n");
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     let mut c = d.client(&t, Some(a.agent_id()));
     agent_send(&mut ag, None, &json!(1), "1", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!(1));
@@ -414,9 +414,7 @@ fn a_resume_from_before_the_trimmed_history_gives_recovered_false() {
 #[test]
 fn with_history_off_a_resume_recovers_only_when_nothing_was_missed() {
     let d = Daemon::with_config("[history]\nmax_messages = 0\n");
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     let mut c = d.client(&t, Some(a.agent_id()));
     agent_send(&mut ag, None, &json!(1), "1", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!(1));
@@ -438,9 +436,7 @@ fn with_history_off_a_resume_recovers_only_when_nothing_was_missed() {
 #[test]
 fn resume_alone_delivers_what_was_addressed_to_the_old_session_after_it_closed() {
     let d = Daemon::start_default();
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     let mut c = d.client(&t, Some(a.agent_id()));
     agent_send(&mut ag, Some(&c.session), &json!("seen"), "0", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("seen"));
@@ -470,9 +466,7 @@ fn resume_alone_delivers_what_was_addressed_to_the_old_session_after_it_closed()
 #[test]
 fn an_agent_send_to_a_session_that_never_existed_is_offline_and_not_kept() {
     let d = Daemon::start_default();
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     agent_send(&mut ag, None, &json!("m1"), "1", Ack::Any);
     let never = "s_neverExisted0000";
     ag.send(Some(never), &json!("lost"), Some("x")).unwrap();
@@ -609,9 +603,7 @@ fn replayed_and_kept_messages_never_cross_users() {
 #[test]
 fn a_send_to_a_closing_session_is_answered_the_way_its_replay_behaves() {
     let d = Daemon::start_default();
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     let mut c = d.client(&t, Some(a.agent_id()));
     agent_send(&mut ag, None, &json!("m1"), "1", Ack::Live);
     let epoch = expect_stream(&mut c, a.agent_id(), 1, &json!("m1"));
@@ -653,9 +645,7 @@ fn a_send_to_a_closing_session_is_answered_the_way_its_replay_behaves() {
 #[test]
 fn since_zero_replays_the_broadcasts_and_only_this_sessions_addressed_messages() {
     let d = Daemon::start_default();
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     let mut mine = d.client(&t, Some(a.agent_id()));
     let mut theirs = d.client(&t, Some(a.agent_id()));
     agent_send(&mut ag, None, &json!("b1"), "1", Ack::Live);
@@ -732,9 +722,7 @@ fn resume_alone_on_an_unbound_session_resumes_every_stream_it_can_reach() {
 #[test]
 fn after_history_ttl_a_closed_session_is_offline_and_no_longer_resumable() {
     let d = Daemon::with_config("[history]\nttl_secs = 1\n");
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     let c = d.client(&t, Some(a.agent_id()));
     let old = disconnect(c, &mut ag);
     agent_send(&mut ag, Some(&old), &json!("kept"), "k", Ack::Queued);
@@ -768,9 +756,7 @@ fn slow_consumer_then_resume() -> SlowConsumer {
         "[limits]\nmax_frame_bytes = 32768\nsend_buffer_bytes = 65536\n\
          messages_per_sec_per_user = 100000\nmessages_burst_per_user = 100000\n",
     );
-    let a = d.hmac_agent("u1", "a");
-    let mut ag = d.agent(&a);
-    let t = d.token("u1", &[], "1h");
+    let (a, mut ag, t) = one_agent(&d);
     let mut c = d.client(&t, Some(a.agent_id()));
     await_session_event(&mut ag, &c.session, true);
     let old = c.session.clone();
