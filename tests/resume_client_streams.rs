@@ -759,6 +759,10 @@ fn slow_consumer_then_resume() -> SlowConsumer {
     let (a, mut ag, t) = one_agent(&d);
     let mut c = d.client(&t, Some(a.agent_id()));
     await_session_event(&mut ag, &c.session, true);
+    // One message read first: the client knows the stream's epoch even if the relay drops
+    // every queued frame when it gives up on it (4008) before the client reads anything.
+    agent_send(&mut ag, None, &json!({"i": "warm-up"}), "warm", Ack::Live);
+    let first = stream_msg(&client_next(&mut c));
     let old = c.session.clone();
     let pad = "y".repeat(16 * 1024);
     // The client never reads while the agent floods it, until the relay gives up on it.
@@ -804,8 +808,8 @@ fn slow_consumer_then_resume() -> SlowConsumer {
     assert_eq!(code, 4008);
     drop(c);
     let mut got: Vec<u64> = Vec::new();
-    let mut last = 0;
-    let mut epoch = String::new();
+    let mut last = first.seq;
+    let mut epoch = first.epoch;
     for f in &frames {
         let m = stream_msg(f);
         assert_eq!(m.seq, last + 1, "in order before the close");
